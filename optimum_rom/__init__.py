@@ -1,0 +1,29 @@
+"""optimum-rom: low-rank compression of LLMs on a CPU (ROM and Basis Selection).
+
+Importing the package registers it with transformers (``AutoModelForCausalLM.from_pretrained``
+loads factorized checkpoints) and with PEFT (LoRA on factorized layers).
+"""
+
+from .configs import LowRankConfig, RomConfig
+from .integrations.peft import LoraFactorizedLinear, install_peft_dispatch
+from .integrations.transformers import LowRankHfQuantizer, is_factorized, register_with_transformers
+from .layers import FactorizedLinear
+from .model_sources import load_model
+from .optimizer import CompressionReport, LowRankOptimizer
+
+__version__ = "0.1.0"
+
+register_with_transformers({"rom": RomConfig})
+install_peft_dispatch()
+
+__all__ = [
+    "CompressionReport",
+    "FactorizedLinear",
+    "LoraFactorizedLinear",
+    "LowRankConfig",
+    "LowRankHfQuantizer",
+    "LowRankOptimizer",
+    "RomConfig",
+    "is_factorized",
+    "load_model",
+]

@@ -1,0 +1,64 @@
+"""What every low-rank pass shares: the size target, which linears, the calibration shape, the result.
+
+A config is a transformers ``QuantizationConfigMixin`` so the very same object is written to
+``config.json`` under ``quantization_config`` and read back by ``AutoModelForCausalLM``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+
+@dataclass
+class LowRankConfig(QuantizationConfigMixin):
+    """Options shared by all passes.
+
+    Args:
+        params_ratio: fraction of the model's parameters to keep (embeddings included, tied
+            weights counted once); 0.8 removes 20%. Must be in (0, 1].
+        target_modules: names (or name suffixes, PEFT-style) of the linears that may be
+            factorized; ``None`` means every ``nn.Linear`` inside the decoder blocks.
+        num_samples / seq_len: calibration sequences and their length in tokens.
+        seed: seeds the calibration sampling, so a run is reproducible.
+        modules: filled by the pass: module name -> rank of every factorized linear. This is
+            what loading uses to rebuild the factorized skeleton.
+        calibration: filled by the optimizer: a short description of the calibration source.
+    """
+
+    params_ratio: float = 0.8
+    target_modules: list[str] | None = None
+    num_samples: int = 128
+    seq_len: int = 128
+    seed: int = 0
+    modules: dict[str, int] = field(default_factory=dict)
+    calibration: str | None = None
+    quant_method: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.params_ratio, (int, float)) or not 0 < self.params_ratio <= 1:
+            raise ValueError(
+                f"params_ratio must be in (0, 1] (the fraction of parameters kept; 0.8 removes 20%), "
+                f"got {self.params_ratio!r}"
+            )
+        for name in ("num_samples", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+
+    def factorized_bias(self, dense_has_bias: bool) -> bool:
+        """Whether a factorized linear carries a bias on ``up`` (passes that correct the mean always do)."""
+        return dense_has_bias
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> LowRankConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))

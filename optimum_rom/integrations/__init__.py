@@ -1,0 +1,1 @@
+"""How optimum-rom plugs into transformers (loading/saving), PEFT (LoRA) and optimum-cli."""

@@ -1,0 +1,175 @@
+"""Loading and saving factorized checkpoints through transformers' own ``from_pretrained``.
+
+``import optimum_rom`` registers our configs and quantizer in transformers' quantizer registry,
+so ``AutoModelForCausalLM.from_pretrained(dir)`` rebuilds the factorized skeleton from
+``config.json``'s ``quantization_config.modules`` before the weights are read.
+
+Why the safetensors format tag: stock transformers skips an unknown ``quantization_config``
+with a warning and silently random-initialises every weight it cannot find, so a factorized
+checkpoint opened without the plugin would become a dense model with random linears. Our
+weight files are therefore tagged ``format = ROM_SAFETENSORS_FORMAT``; stock transformers
+refuses that with an error quoting the tag, which says what to install. With the plugin
+imported, transformers' safetensors reader is taught to treat the tag as ``"pt"``. This is
+the one piece of transformers we wrap, and the wrapper changes nothing for any other file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import transformers.modeling_utils as modeling_utils
+from torch import nn
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.quantizers.base import HfQuantizer
+
+from ..configs import LowRankConfig
+from ..layers import FactorizedLinear
+from ..structure import set_module
+
+ROM_SAFETENSORS_FORMAT = (
+    "optimum-rom factorized (low-rank) weights: run `pip install optimum-rom` and `import optimum_rom` "
+    "before from_pretrained"
+)
+
+
+class LowRankHfQuantizer(HfQuantizer):
+    """transformers' hooks for a checkpoint made by any optimum-rom pass."""
+
+    requires_calibration = False
+    requires_parameters_quantization = False
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        if not self.pre_quantized:
+            raise ValueError(
+                f"{type(self.quantization_config).__name__} cannot be applied while loading a dense model: "
+                "compression needs calibration data. Use optimum_rom.LowRankOptimizer.from_pretrained(model)"
+                ".compress(config, calibration=...) or `optimum-cli rom compress`."
+            )
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        build_factorized_skeleton(model, self.quantization_config)
+        return model
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        return model
+
+    def get_state_dict_and_metadata(self, model: nn.Module, safe_serialization: bool = False):
+        # Record the ranks the model has now (a merged LoRA adapter may have grown them); transformers
+        # writes config.json from model.config right after this call.
+        self.quantization_config.modules = factorized_ranks(model)
+        model.config.quantization_config = self.quantization_config
+        return None, _TaggedMetadata()
+
+    def _dequantize(self, model: nn.Module) -> nn.Module:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, FactorizedLinear):
+                set_module(model, name, module.to_linear())
+        return model
+
+    def is_serializable(self, safe_serialization: bool | None = None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+
+def build_factorized_skeleton(model: nn.Module, config: LowRankConfig) -> None:
+    """Swap every linear listed in ``config.modules`` for an empty FactorizedLinear of its rank."""
+    for name, rank in config.modules.items():
+        try:
+            dense = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"the checkpoint's quantization_config lists {name!r}, which {type(model).__name__} does not have; "
+                "config.json and the weights do not belong together"
+            ) from None
+        if not isinstance(dense, nn.Linear):
+            raise ValueError(f"{name!r} is a {type(dense).__name__}, expected nn.Linear to factorize")
+        layer = FactorizedLinear(
+            dense.in_features,
+            dense.out_features,
+            rank,
+            bias=config.factorized_bias(dense.bias is not None),
+            device=dense.weight.device,
+            dtype=dense.weight.dtype,
+        )
+        set_module(model, name, layer)
+
+
+def factorized_ranks(model: nn.Module) -> dict[str, int]:
+    return {name: m.rank for name, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+
+
+def attach_quantizer(model: nn.Module, config: LowRankConfig) -> None:
+    """Make a model compressed in this process look exactly like one loaded from a checkpoint."""
+    config.modules = factorized_ranks(model)
+    model.config.quantization_config = config
+    model.hf_quantizer = LowRankHfQuantizer(config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+
+
+class _TaggedMetadata(dict):
+    """Safetensors metadata that keeps our format tag: transformers writes ``format = "pt"`` after
+    asking the quantizer for metadata, and this dict declines that one overwrite."""
+
+    def __init__(self) -> None:
+        super().__init__(format=ROM_SAFETENSORS_FORMAT)
+
+    def __setitem__(self, key: str, value: str) -> None:
+        if key != "format":
+            super().__setitem__(key, value)
+
+
+class _SafeOpenAcceptingRom:
+    """``safetensors.safe_open`` that reports our format tag as ``"pt"`` to transformers' loader."""
+
+    _original = modeling_utils.safe_open
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._handle = self._original(*args, **kwargs)
+
+    def __enter__(self) -> _SafeOpenAcceptingRom:
+        self._handle.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._handle.__exit__(*exc)
+
+    def metadata(self) -> dict[str, str] | None:
+        metadata = self._handle.metadata()
+        if metadata and metadata.get("format") == ROM_SAFETENSORS_FORMAT:
+            metadata = {**metadata, "format": "pt"}
+        return metadata
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
+def register_with_transformers(configs: dict[str, type[LowRankConfig]]) -> None:
+    """Register our configs and quantizer under each ``quant_method`` (idempotent)."""
+    for method, config_class in configs.items():
+        AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(method, config_class)
+        AUTO_QUANTIZER_MAPPING.setdefault(method, LowRankHfQuantizer)
+    if modeling_utils.safe_open is not _SafeOpenAcceptingRom:
+        modeling_utils.safe_open = _SafeOpenAcceptingRom
+
+
+def is_factorized(model: nn.Module) -> bool:
+    return any(isinstance(m, FactorizedLinear) for m in model.modules())
+
+
+__all__ = [
+    "LowRankHfQuantizer",
+    "ROM_SAFETENSORS_FORMAT",
+    "attach_quantizer",
+    "build_factorized_skeleton",
+    "factorized_ranks",
+    "is_factorized",
+    "register_with_transformers",
+]

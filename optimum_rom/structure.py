@@ -1,0 +1,116 @@
+"""Finding the parts of a causal LM that the passes work on: its decoder blocks and their linears.
+
+Works by structure, not by architecture name, so any transformers decoder whose blocks live
+in one ``nn.ModuleList`` and whose projections are ``nn.Linear`` is supported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """One linear layer the passes may factorize."""
+
+    name: str  # full module name, e.g. "model.layers.3.mlp.up_proj"
+    block: int  # index of the decoder block that holds it
+    in_features: int
+    out_features: int
+    bias: bool
+
+    @property
+    def dense_params(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
+
+
+class UnsupportedModelError(ValueError):
+    """The model has no structure the passes understand."""
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ``nn.ModuleList`` of decoder blocks (e.g. ``model.layers``) and its name."""
+    expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and _has_linears(module[0])
+    ]
+    if expected is not None:
+        exact = [c for c in candidates if len(c[1]) == expected]
+        candidates = exact or candidates
+    if not candidates:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no list of decoder blocks containing nn.Linear layers; optimum-rom "
+            "supports transformers decoder models whose blocks sit in an nn.ModuleList (Llama, Qwen2, "
+            "Mistral, Gemma, Phi-3, OLMo, ...)."
+        )
+    return max(candidates, key=lambda c: len(c[1]))
+
+
+def _has_linears(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Linear) for m in module.modules())
+
+
+def matches_target(name: str, target_modules: list[str] | None) -> bool:
+    """PEFT's rule: a target matches the full name or a dotted suffix of it."""
+    if target_modules is None:
+        return True
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def find_linear_sites(model: nn.Module, target_modules: list[str] | None = None) -> list[LinearSite]:
+    """Every ``nn.Linear`` inside the decoder blocks that ``target_modules`` selects, in block order."""
+    blocks_name, blocks = find_blocks(model)
+    sites = []
+    for index, block in enumerate(blocks):
+        for local_name, module in block.named_modules():
+            name = f"{blocks_name}.{index}.{local_name}"
+            if isinstance(module, nn.Linear) and matches_target(name, target_modules):
+                sites.append(
+                    LinearSite(name, index, module.in_features, module.out_features, module.bias is not None)
+                )
+    if target_modules is not None:
+        _check_targets(model, blocks_name, target_modules, sites)
+    return sites
+
+
+def _check_targets(
+    model: nn.Module, blocks_name: str, target_modules: list[str], sites: list[LinearSite]
+) -> None:
+    """Name the problem when a requested target is not a linear inside the blocks."""
+    for target in target_modules:
+        if any(matches_target(site.name, [target]) for site in sites):
+            continue
+        others = [
+            f"{name} ({type(module).__name__})"
+            for name, module in model.named_modules()
+            if name and matches_target(name, [target])
+        ]
+        if others:
+            raise UnsupportedModelError(
+                f"target_modules entry {target!r} matches {', '.join(others[:3])}, which is not an nn.Linear "
+                f"inside the decoder blocks ({blocks_name}); only those linears can be factorized."
+            )
+        raise UnsupportedModelError(
+            f"target_modules entry {target!r} matches no module of {type(model).__name__}; use linear names "
+            f"such as 'q_proj' or 'mlp.down_proj' from its decoder blocks."
+        )
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of the model, tied weights counted once (``model.parameters()`` de-duplicates)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,89 @@
+"""Shared fixtures: a small real tokenizer and tiny random models of several architectures."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+import optimum_rom  # noqa: E402, F401
+
+CALIBRATION_TEXT = Path(optimum_rom.__file__).parent / "data" / "wikitext2_valid_excerpt.txt"
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+VOCAB_SIZE = 512
+
+ARCHITECTURES = ["llama", "qwen2", "mistral", "gemma"]
+
+
+def tiny_config(arch: str, vocab_size: int = VOCAB_SIZE):
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=False)
+    if arch == "qwen2":  # q/k/v carry biases, embeddings tied
+        return Qwen2Config(**common, tie_word_embeddings=True)
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
+    if arch == "gemma":  # scaled embeddings, GeGLU, tied
+        return GemmaConfig(**common, head_dim=16)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A byte-level BPE tokenizer trained on the bundled WikiText excerpt (no hub needed)."""
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=["<unk>", "<s>", "</s>"])
+    backend.train([str(CALIBRATION_TEXT)], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+@pytest.fixture
+def calibration_file() -> Path:
+    return CALIBRATION_TEXT
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    """Save a tiny model + tokenizer as an ordinary Hugging Face directory; returns a factory by arch."""
+
+    def make(arch: str = "llama") -> Path:
+        directory = tmp_path / f"dense-{arch}"
+        tiny_model(arch).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        return directory
+
+    return make

@@ -1,0 +1,73 @@
+import pytest
+
+from optimum_rom import RomConfig
+from optimum_rom.allocation import UnreachableTargetError, rank_for_budget
+from optimum_rom.passes.rom import plan_rom
+from optimum_rom.structure import count_parameters, find_linear_sites
+
+from .conftest import ARCHITECTURES, tiny_model
+
+
+def test_rank_formula_is_the_papers():
+    # r = int(k * d_in * d_out / (d_in + d_out))
+    assert rank_for_budget(0.5, 576, 1536) == int(0.5 * 576 * 1536 / 2112)
+    assert rank_for_budget(0.46, 4096, 4096) == 942
+    assert rank_for_budget(1e-9, 64, 64) == 1  # never below rank 1
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("allocation", ["uniform", "paper"])
+@pytest.mark.parametrize("ratio", [0.9, 0.8, 0.6])
+def test_params_ratio_is_reached_within_one_percent(arch, allocation, ratio):
+    model = tiny_model(arch)
+    plan = plan_rom(model, RomConfig(params_ratio=ratio, allocation=allocation))
+    assert plan.kept_params <= ratio * count_parameters(model)
+    assert plan.ratio == pytest.approx(ratio, rel=0.01)
+
+
+def test_paper_allocation_compresses_only_trailing_blocks():
+    model = tiny_model("llama")
+    plan = plan_rom(model, RomConfig(params_ratio=0.9, allocation="paper", num_trailing_blocks=2))
+    assert plan.blocks == [1, 2]
+    assert plan.ranks and all(".layers.0." not in name for name in plan.ranks)
+
+
+def test_a_layer_is_only_factorized_when_that_saves_parameters():
+    model = tiny_model("llama")
+    plan = plan_rom(model, RomConfig(params_ratio=1.0))
+    assert plan.ranks == {}  # at full budget no factorization is smaller than the dense matrix
+    sites = {s.name: s for s in find_linear_sites(model)}
+    plan = plan_rom(model, RomConfig(params_ratio=0.85))
+    for name, rank in plan.ranks.items():
+        site = sites[name]
+        assert rank * (site.in_features + site.out_features) + site.out_features < site.dense_params
+
+
+def test_unreachable_target_fails_before_any_work():
+    model = tiny_model("llama")
+    with pytest.raises(
+        UnreachableTargetError, match=r"params_ratio=0.05 is out of reach.*Choose params_ratio >="
+    ):
+        plan_rom(model, RomConfig(params_ratio=0.05))
+    with pytest.raises(UnreachableTargetError, match="compress more blocks"):
+        plan_rom(model, RomConfig(params_ratio=0.5, allocation="paper", num_trailing_blocks=1))
+
+
+def test_config_rejects_nonsense():
+    for bad in (0, -0.1, 1.5, "0.8"):
+        with pytest.raises(ValueError, match=r"params_ratio must be in \(0, 1\]"):
+            RomConfig(params_ratio=bad)
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        RomConfig(allocation="random")
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        RomConfig(num_samples=0)
+
+
+def test_target_modules_select_and_validate():
+    model = tiny_model("llama")
+    plan = plan_rom(model, RomConfig(params_ratio=0.95, target_modules=["mlp.up_proj", "mlp.gate_proj"]))
+    assert plan.ranks and all(name.endswith(("up_proj", "gate_proj")) for name in plan.ranks)
+    with pytest.raises(ValueError, match="not an nn.Linear inside the decoder blocks"):
+        plan_rom(model, RomConfig(target_modules=["input_layernorm"]))
+    with pytest.raises(ValueError, match="matches no module"):
+        plan_rom(model, RomConfig(target_modules=["qkv"]))

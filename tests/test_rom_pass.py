@@ -1,0 +1,98 @@
+import pytest
+import torch
+from torch import nn
+
+from optimum_rom import FactorizedLinear, LowRankOptimizer, RomConfig
+from optimum_rom.calibration import LinearStatistics, Moments, walk_blocks
+from optimum_rom.passes.rom import rom_factorize
+from optimum_rom.structure import count_parameters
+
+from .conftest import ARCHITECTURES, tiny_model
+
+
+def features(n=4000, dim=48, seed=0):
+    """Correlated features with a large mean, like LLM hidden states."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(dim, dim, generator=generator)
+    return torch.randn(n, dim, generator=generator) @ mixing * 0.3 + 3 * torch.randn(dim, generator=generator)
+
+
+def input_statistics(x: torch.Tensor) -> LinearStatistics:
+    moments = Moments(x.shape[1])
+    for chunk in x.split(1000):
+        moments.update(chunk)
+    return LinearStatistics("input", moments)
+
+
+@pytest.mark.parametrize("out_features", [32, 96])  # narrow output, and wide output (the gate/up path)
+def test_rom_layer_is_the_pca_of_its_outputs(out_features):
+    torch.manual_seed(0)
+    x, linear, rank = features(), nn.Linear(48, out_features), 12
+    outputs = (linear(x) - linear.bias).detach().double()
+    mean = outputs.mean(0)
+    _, vectors = torch.linalg.eigh((outputs - mean).T @ (outputs - mean))
+    basis = vectors[:, -rank:]
+    expected = (outputs - mean) @ basis @ basis.T + mean + linear.bias.double()
+
+    layer = rom_factorize(linear, input_statistics(x), rank)
+    assert isinstance(layer, FactorizedLinear) and layer.rank == rank
+    torch.testing.assert_close(layer(x).double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_full_rank_rom_is_exact_and_the_mean_correction_matters():
+    torch.manual_seed(0)
+    x, linear = features(), nn.Linear(48, 32, bias=False)
+    stats = input_statistics(x)
+    torch.testing.assert_close(rom_factorize(linear, stats, 32)(x), linear(x), atol=1e-4, rtol=1e-4)
+    centred = rom_factorize(linear, stats, 4, center=True)
+    uncentred = rom_factorize(linear, stats, 4, center=False)
+    assert centred.up.bias is not None and uncentred.up.bias is None
+    error = {name: (layer(x) - linear(x)).pow(2).mean() for name, layer in [("c", centred), ("u", uncentred)]}
+    assert error["c"] < error["u"]
+
+
+def test_rom_beats_plain_svd_of_the_weight_on_the_calibration_data():
+    torch.manual_seed(0)
+    x, linear, rank = features(), nn.Linear(48, 40), 8
+    rom = rom_factorize(linear, input_statistics(x), rank)
+    u, s, vh = torch.linalg.svd(linear.weight.detach())
+    svd = FactorizedLinear.from_factors(s[:rank, None] * vh[:rank], u[:, :rank], linear.bias.detach())
+    rom_error = (rom(x) - linear(x)).pow(2).mean()
+    svd_error = (svd(x) - linear(x)).pow(2).mean()
+    assert rom_error < 0.5 * svd_error
+
+
+def test_walker_feeds_each_block_the_output_of_the_modified_block_before_it():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 500, (4, 16))
+    seen = []
+    for step in walk_blocks(model, ids, progress=False):
+        seen.append(step.inputs.clone())
+        if step.index == 0:
+            expected_next = step.forward() * 0  # what block 1 must see after we silence block 0
+            step.block.forward = lambda hidden_states, *args, **kwargs: hidden_states * 0
+    torch.testing.assert_close(seen[1], expected_next)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("allocation", ["uniform", "paper"])
+def test_compressing_a_model_reaches_the_target_and_keeps_it_working(
+    arch, allocation, tokenizer, calibration_file
+):
+    model = tiny_model(arch)
+    dense_params = count_parameters(model)
+    ids = torch.randint(0, 500, (2, 24))
+    dense_logits = model(ids).logits
+
+    optimizer = LowRankOptimizer(model, tokenizer)
+    config = RomConfig(params_ratio=0.8, allocation=allocation, num_samples=16, seq_len=32)
+    compressed = optimizer.compress(config, calibration=calibration_file, progress=False)
+
+    assert count_parameters(compressed) == optimizer.report.params_after
+    assert optimizer.report.ratio == pytest.approx(0.8, rel=0.01)
+    assert count_parameters(compressed) <= 0.8 * dense_params
+    factorized = [m for m in compressed.modules() if isinstance(m, FactorizedLinear)]
+    assert len(factorized) == len(compressed.config.quantization_config.modules) > 0
+    logits = compressed(ids).logits
+    assert torch.isfinite(logits).all()
+    assert not torch.allclose(logits, dense_logits)

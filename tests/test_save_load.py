@@ -1,0 +1,84 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from optimum_rom import FactorizedLinear, LowRankOptimizer, RomConfig
+from optimum_rom.integrations.transformers import ROM_SAFETENSORS_FORMAT
+
+from .conftest import ARCHITECTURES
+
+
+def compress_to(directory, model_dir, arch, calibration_file, **config):
+    optimizer = LowRankOptimizer.from_pretrained(model_dir(arch))
+    config = RomConfig(num_samples=8, seq_len=32, **{"params_ratio": 0.8, **config})
+    return optimizer.compress(config, calibration=calibration_file, save_dir=directory, progress=False)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_automodel_reloads_exactly_the_saved_factorized_model(arch, model_dir, calibration_file, tmp_path):
+    compressed = compress_to(tmp_path / "rom", model_dir, arch, calibration_file)
+    ids = torch.randint(0, 500, (2, 20))
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "rom")
+
+    assert isinstance(reloaded.model.layers[0].mlp.down_proj, FactorizedLinear)
+    assert reloaded.num_parameters() == compressed.num_parameters()
+    torch.testing.assert_close(reloaded(ids).logits, compressed(ids).logits, rtol=0, atol=0)
+
+
+def test_checkpoint_holds_only_factorized_weights_and_the_config(model_dir, calibration_file, tmp_path):
+    compress_to(tmp_path / "rom", model_dir, "llama", calibration_file)
+    files = {p.name for p in (tmp_path / "rom").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
+    config = json.loads((tmp_path / "rom" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "rom" and config["params_ratio"] == 0.8
+    assert RomConfig.from_dict(config).modules == config["modules"]
+    with safe_open(tmp_path / "rom" / "model.safetensors", "pt") as weights:
+        keys = set(weights.keys())
+        assert weights.metadata()["format"] == ROM_SAFETENSORS_FORMAT
+    assert "model.layers.0.mlp.down_proj.down.weight" in keys
+    assert "model.layers.0.mlp.down_proj.weight" not in keys
+
+
+def test_resaving_a_loaded_model_round_trips(model_dir, calibration_file, tmp_path):
+    compress_to(tmp_path / "rom", model_dir, "qwen2", calibration_file)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "rom")
+    loaded.save_pretrained(tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    ids = torch.randint(0, 500, (1, 12))
+    torch.testing.assert_close(again(ids).logits, loaded(ids).logits, rtol=0, atol=0)
+
+
+def test_loading_without_the_plugin_fails_loudly(model_dir, calibration_file, tmp_path):
+    compress_to(tmp_path / "rom", model_dir, "llama", calibration_file)
+    script = "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(r'%s')"
+    result = subprocess.run(
+        [sys.executable, "-c", script % (tmp_path / "rom")], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    assert "pip install optimum-rom" in result.stderr and "import optimum_rom" in result.stderr
+
+
+def test_a_failed_compression_leaves_no_output_directory(model_dir, calibration_file, tmp_path):
+    with pytest.raises(ValueError, match="out of reach"):
+        compress_to(tmp_path / "out", model_dir, "llama", calibration_file, params_ratio=0.01)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_an_existing_output_directory_is_not_overwritten_by_default(model_dir, calibration_file, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        compress_to(tmp_path / "out", model_dir, "llama", calibration_file)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "user data"
+
+
+def test_compressing_while_loading_is_refused_with_a_pointer_to_the_optimizer(model_dir):
+    with pytest.raises(ValueError, match="LowRankOptimizer"):
+        AutoModelForCausalLM.from_pretrained(model_dir("llama"), quantization_config=RomConfig())
