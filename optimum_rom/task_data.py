@@ -1,0 +1,128 @@
+"""Target-application data: prompt/answer pairs, tokenized with the loss on the answer only.
+
+Shared by the application-specific pass (Basis Selection trains on it) and the evaluation
+(target-task loss is measured on it). Presets name the fields and the prompt template of
+common sets; any jsonl (or jsonl.gz) of prompt/answer records works with explicit fields.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100  # label value PyTorch's cross-entropy skips
+
+
+@dataclass(frozen=True)
+class TaskFormat:
+    """How a record becomes a prompt and an answer."""
+
+    prompt_field: str
+    answer_field: str
+    prompt_template: str = "{prompt}"
+    answer_template: str = "{answer}"
+
+
+PRESETS = {
+    # GSM8K: {question, answer}; the answer's worked solution ends with "#### <number>".
+    "gsm8k": TaskFormat("question", "answer", "Question: {prompt}\nAnswer:", " {answer}"),
+    # HumanEval-style code: the prompt is the signature + docstring, the answer the function body.
+    "code": TaskFormat("prompt", "canonical_solution"),
+}
+
+
+@dataclass(frozen=True)
+class PromptAnswer:
+    prompt: str
+    answer: str
+
+
+def load_pairs(path: str | Path, task: str | TaskFormat = "gsm8k") -> list[PromptAnswer]:
+    """Prompt/answer pairs of a jsonl (or .jsonl.gz) file, formatted by a preset name or a TaskFormat."""
+    task_format = PRESETS[task] if isinstance(task, str) and task in PRESETS else task
+    if not isinstance(task_format, TaskFormat):
+        raise ValueError(f"unknown task preset {task!r}; use one of {sorted(PRESETS)} or a TaskFormat")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"task data not found: {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    pairs = []
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            for field in (task_format.prompt_field, task_format.answer_field):
+                if field not in record:
+                    raise ValueError(
+                        f"{path}:{line_number} has no field {field!r}; its fields are {sorted(record)}. "
+                        "Name the fields with a TaskFormat (CLI: --prompt-field / --answer-field)"
+                    )
+            pairs.append(
+                PromptAnswer(
+                    task_format.prompt_template.format(prompt=record[task_format.prompt_field]),
+                    task_format.answer_template.format(answer=record[task_format.answer_field]),
+                )
+            )
+    if not pairs:
+        raise ValueError(f"task data {path} is empty")
+    return pairs
+
+
+def split_pairs(
+    pairs: list[PromptAnswer], validation: int | float, seed: int = 0
+) -> tuple[list[PromptAnswer], list[PromptAnswer]]:
+    """A seeded train/validation split; ``validation`` is a count or a fraction."""
+    count = validation if isinstance(validation, int) else round(validation * len(pairs))
+    if not 0 < count < len(pairs):
+        raise ValueError(
+            f"validation size {validation} leaves no train or no validation data of {len(pairs)} pairs"
+        )
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    held_out = set(order[:count])
+    train = [p for i, p in enumerate(pairs) if i not in held_out]
+    return train, [pairs[i] for i in sorted(held_out)]
+
+
+def tokenize_pairs(
+    tokenizer, pairs: list[PromptAnswer], max_length: int = 512
+) -> list[dict[str, torch.Tensor]]:
+    """``input_ids`` and ``labels`` per pair, labels = ``IGNORE_INDEX`` on the prompt tokens.
+
+    The prompt and the answer are tokenized separately and concatenated, so the boundary is
+    exact; sequences are truncated to ``max_length`` from the right.
+    """
+    examples = []
+    for pair in pairs:
+        prompt = tokenizer(pair.prompt, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(pair.answer, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            answer = answer + [tokenizer.eos_token_id]
+        ids = (prompt + answer)[:max_length]
+        labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_length]
+        if all(label == IGNORE_INDEX for label in labels[1:]):
+            continue  # the answer was truncated away: nothing to learn or score
+        examples.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)})
+    return examples
+
+
+def collate(examples: list[dict[str, torch.Tensor]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padded positions get ``IGNORE_INDEX`` labels and a zero attention mask."""
+    length = max(len(e["input_ids"]) for e in examples)
+    batch = {
+        "input_ids": torch.full((len(examples), length), pad_token_id, dtype=torch.long),
+        "labels": torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long),
+        "attention_mask": torch.zeros((len(examples), length), dtype=torch.long),
+    }
+    for row, example in enumerate(examples):
+        size = len(example["input_ids"])
+        batch["input_ids"][row, :size] = example["input_ids"]
+        batch["labels"][row, :size] = example["labels"]
+        batch["attention_mask"][row, :size] = 1
+    return batch
