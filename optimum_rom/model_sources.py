@@ -66,15 +66,22 @@ def resolve_model_path(source: str | Path) -> tuple[Path, str | None]:
 
 def load_model(source, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` from a model source; a ``PreTrainedModel`` is passed through (tokenizer ``None``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+    from transformers import AutoTokenizer, PreTrainedModel
 
     if isinstance(source, PreTrainedModel):
         return source, None
     directory, gguf_file = resolve_model_path(source)
+    return load_causal_lm(source, dtype), AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+
+
+def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32):
+    """The model of a model source, in evaluation mode."""
+    from transformers import AutoModelForCausalLM
+
+    directory, gguf_file = resolve_model_path(source)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
     model.eval()
-    return model, tokenizer
+    return model
 
 
 def fetch_known_model(alias: str) -> Path:

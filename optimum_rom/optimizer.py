@@ -9,14 +9,15 @@ from pathlib import Path
 
 import torch
 from optimum.quantization_base import OptimumQuantizer
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .calibration.data import CalibrationSource, describe_source, load_calibration
 from .checkpoint import atomic_directory, check_output_dir
 from .configs import LowRankConfig
 from .integrations.transformers import attach_quantizer
-from .model_sources import load_model
+from .model_sources import load_causal_lm, load_model, resolve_model_path
 from .passes import pass_for
+from .streaming import LazyCheckpoint, compress_streaming
 from .structure import count_parameters
 
 
@@ -30,6 +31,7 @@ class CompressionReport:
     target_ratio: float
     factorized_modules: int
     seconds: float
+    streamed: bool
 
     @property
     def ratio(self) -> float:
@@ -46,11 +48,26 @@ class LowRankOptimizer(OptimumQuantizer):
 
         optimizer = LowRankOptimizer.from_pretrained("smollm2-135m-instruct")
         model = optimizer.compress(RomConfig(params_ratio=0.8), calibration="wiki.valid.txt", save_dir="out")
+
+    Opened from a directory, the model is not loaded until something needs it: ``compress``
+    with a ``save_dir`` then streams it block by block (memory: one block plus the calibration
+    activations, whatever the depth) and returns the saved checkpoint, loaded lazily.
+    Accessing ``optimizer.model`` first loads it whole and compresses in memory instead.
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer=None) -> None:
-        self.model = model
+    def __init__(
+        self,
+        model: PreTrainedModel | None = None,
+        tokenizer=None,
+        source: Path | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if model is None and source is None:
+            raise ValueError("LowRankOptimizer needs a model or a source directory")
+        self._model = model
         self.tokenizer = tokenizer
+        self.source = source
+        self.dtype = dtype
         self.report: CompressionReport | None = None
 
     @classmethod
@@ -58,8 +75,23 @@ class LowRankOptimizer(OptimumQuantizer):
         cls, model_or_path: PreTrainedModel | str | Path, tokenizer=None, dtype: torch.dtype = torch.float32
     ) -> LowRankOptimizer:
         """From a model object, a local HF directory, a ``.gguf`` file, or a known alias."""
-        model, loaded_tokenizer = load_model(model_or_path, dtype=dtype)
-        return cls(model, tokenizer or loaded_tokenizer)
+        if isinstance(model_or_path, PreTrainedModel):
+            return cls(model_or_path, tokenizer)
+        directory, gguf_file = resolve_model_path(model_or_path)
+        if gguf_file is not None:
+            model, loaded_tokenizer = load_model(model_or_path, dtype=dtype)
+            return cls(model, tokenizer or loaded_tokenizer)
+        return cls(None, tokenizer or AutoTokenizer.from_pretrained(directory), source=directory, dtype=dtype)
+
+    @property
+    def model(self) -> PreTrainedModel:
+        if self._model is None:
+            self._model = load_causal_lm(self.source, dtype=self.dtype)
+        return self._model
+
+    @model.setter
+    def model(self, model: PreTrainedModel) -> None:
+        self._model = model
 
     def compress(
         self,
@@ -71,7 +103,7 @@ class LowRankOptimizer(OptimumQuantizer):
         overwrite: bool = False,
         progress: bool = True,
     ) -> PreTrainedModel:
-        """Compress the model in place with the pass ``config`` selects; save it if ``save_dir`` is given.
+        """Compress the model with the pass ``config`` selects; save it if ``save_dir`` is given.
 
         Every check (output directory, calibration data, reachable size target) runs before
         the expensive work, and nothing is written unless the run completes.
@@ -99,24 +131,43 @@ class LowRankOptimizer(OptimumQuantizer):
         input_ids = load_calibration(
             calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed, text_field
         )
-        plan = compression_pass.plan(self.model, config)
+        config.calibration = describe_source(calibration)
+        streamed = save_dir is not None and self._model is None and compression_pass.streams
+        source = LazyCheckpoint(self.source) if streamed else None
+        model = source.model if streamed else self.model
+        plan = compression_pass.plan(model, config)
+        compression_pass.check(config, plan, input_ids)
 
         started = time.perf_counter()
-        params_before = count_parameters(self.model)
-        compression_pass.run(self.model, config, input_ids, plan=plan, progress=progress)
-        config.calibration = describe_source(calibration)
-        attach_quantizer(self.model, config)
+        params_before = count_parameters(model)
+        if streamed:
+            path = compress_streaming(
+                source,
+                self.tokenizer,
+                config,
+                plan,
+                input_ids,
+                compression_pass.run,
+                save_dir,
+                overwrite,
+                progress,
+            )
+            self._model = AutoModelForCausalLM.from_pretrained(path)
+        else:
+            compression_pass.run(model, config, input_ids, plan=plan, progress=progress)
+            attach_quantizer(model, config)
         self.report = CompressionReport(
             method=config.quant_method,
             params_before=params_before,
-            params_after=count_parameters(self.model),
+            params_after=count_parameters(self._model),
             target_ratio=config.params_ratio,
-            factorized_modules=len(config.modules),
+            factorized_modules=len(plan.ranks),
             seconds=time.perf_counter() - started,
+            streamed=streamed,
         )
-        if save_dir is not None:
+        if save_dir is not None and not streamed:
             self.save(save_dir, overwrite=overwrite)
-        return self.model
+        return self._model
 
     def save(self, save_dir: str | Path, overwrite: bool = False) -> Path:
         """Write the factorized checkpoint (safetensors + config + tokenizer) atomically."""

@@ -4,7 +4,12 @@ It runs the calibration tokens up to the first decoder block, then hands the pas
 at a time together with the hidden states that enter it. After the pass has changed the block
 (compressed it), the walker runs the *changed* block to produce the next block's inputs, so
 errors of earlier blocks are seen by later ones, as ROM prescribes. Only one block's
-activations are alive at a time, besides the (samples x seq_len x hidden) stream itself.
+activations are alive at a time, besides the (samples x seq_len x hidden) stream itself, which
+is updated in place.
+
+With a :class:`BlockResidency` the walker also works on a model whose weights are not in
+memory: the residency loads each block before it is used and saves/frees it afterwards
+(see ``optimum_rom.streaming``).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -42,15 +47,35 @@ class BlockStep:
     call_kwargs: dict[str, Any] = field(repr=False)
     batch_size: int = 8
 
-    def forward(self, inputs: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the block (as it is now) over ``inputs`` (default: this step's inputs), in chunks."""
+    def forward(self, inputs: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the block (as it is now) over ``inputs`` (default: this step's inputs), in chunks.
+
+        ``out`` may be ``inputs`` itself: each chunk is read before its outputs are written.
+        """
         inputs = self.inputs if inputs is None else inputs
-        outputs = torch.empty_like(inputs)
+        outputs = torch.empty_like(inputs) if out is None else out
         with torch.no_grad():
             for start in range(0, inputs.shape[0], self.batch_size):
                 chunk = inputs[start : start + self.batch_size]
                 outputs[start : start + self.batch_size] = call_block(self.block, chunk, self.call_kwargs)
         return outputs
+
+
+class BlockResidency(Protocol):
+    """Where block weights live between steps (e.g. on disk, loaded one block at a time)."""
+
+    def load(self, index: int, block: nn.Module) -> None: ...
+
+    def done(self, index: int, block: nn.Module, outputs: torch.Tensor) -> None: ...
+
+
+@dataclass
+class BlockStream:
+    """How a walk runs: where blocks live and where it starts (``start`` > 0 resumes a run)."""
+
+    residency: BlockResidency
+    start: int = 0
+    hidden: torch.Tensor | None = None  # the hidden states entering block ``start``
 
 
 def call_block(block: nn.Module, hidden: torch.Tensor, call_kwargs: dict[str, Any]) -> torch.Tensor:
@@ -66,37 +91,54 @@ def call_block(block: nn.Module, hidden: torch.Tensor, call_kwargs: dict[str, An
 def capture_block_kwargs(model: nn.Module, blocks: nn.ModuleList, seq_len: int) -> list[dict[str, Any]]:
     """The keyword arguments (masks, rotary embeddings, ...) each block receives for a ``seq_len`` input.
 
-    Recorded from one real single-sequence forward pass, so every architecture's own mask and
-    position logic is used (including per-layer sliding-window masks). Tensors keep batch size 1
-    and broadcast over any calibration batch.
+    Recorded from one single-sequence forward pass of the model in which every block is
+    replaced by a recorder that passes its input through, so every architecture's own mask and
+    position logic is used (including per-layer sliding-window masks) and no block weights are
+    needed. Tensors keep batch size 1 and broadcast over any calibration batch.
     """
-    recorded: list[dict[str, Any] | None] = [None] * len(blocks)
+    hidden_size = model.get_input_embeddings().embedding_dim
+    probe = torch.zeros((1, seq_len, hidden_size), device=_buffer_device(model))
+    # Models either use a block's output directly or take element [0] of a tuple; the recorders
+    # return a tensor first, and tuples if the next block then receives a sliced hidden state.
+    for as_tuple in (False, True):
+        recorded = _record_block_kwargs(model, blocks, probe, as_tuple)
+        if recorded is not None:
+            return recorded
+    raise RuntimeError(f"could not trace how {type(model).__name__} calls its decoder blocks")
 
-    def make_hook(index: int):
-        def hook(module, args, kwargs):
-            kwargs = dict(kwargs)
-            hidden_as_kwarg = not args
-            kwargs.pop("hidden_states", None)
-            kwargs["_hidden_as_kwarg"] = hidden_as_kwarg
-            recorded[index] = kwargs
+
+def _record_block_kwargs(
+    model: nn.Module, blocks: nn.ModuleList, probe: torch.Tensor, as_tuple: bool
+) -> list[dict[str, Any]] | None:
+    recorded: list[dict[str, Any]] = []
+
+    def make_recorder(index: int):
+        def recorder(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if hidden.shape != probe.shape:
+                raise _StopForward  # the previous recorder returned the wrong kind of output
+            kwargs["_hidden_as_kwarg"] = not args
+            recorded.append(kwargs)
             if index == len(blocks) - 1:
                 raise _StopForward
+            return (hidden,) if as_tuple else hidden
 
-        return hook
+        return recorder
 
-    probe = torch.zeros((1, seq_len), dtype=torch.long, device=_device_of(model))
-    handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    # An instance attribute shadows the class's forward (accelerate's hooks patch it the same way).
+    previous = [block.__dict__.get("forward") for block in blocks]
+    for index, block in enumerate(blocks):
+        block.forward = make_recorder(index)
     try:
-        with torch.no_grad():
-            model(input_ids=probe, use_cache=False)
-    except _StopForward:
-        pass
+        with torch.no_grad(), contextlib.suppress(_StopForward):
+            model(inputs_embeds=probe, use_cache=False)
     finally:
-        for handle in handles:
-            handle.remove()
-    if any(r is None for r in recorded):
-        raise RuntimeError("not every decoder block was called during the probe forward pass")
-    return recorded  # type: ignore[return-value]
+        for block, forward in zip(blocks, previous, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+    return recorded if len(recorded) == len(blocks) else None
 
 
 def capture_block_inputs(
@@ -114,12 +156,14 @@ def capture_block_inputs(
         with torch.no_grad():
             for start in range(0, input_ids.shape[0], batch_size):
                 with contextlib.suppress(_StopForward):
-                    model(
-                        input_ids=input_ids[start : start + batch_size].to(_device_of(model)), use_cache=False
-                    )
+                    model(input_ids=input_ids[start : start + batch_size], use_cache=False)
     finally:
         handle.remove()
-    return torch.cat(chunks)
+    return torch.cat(chunks).float()
+
+
+def chunk_batch_size(seq_len: int, tokens_per_chunk: int = DEFAULT_TOKENS_PER_CHUNK) -> int:
+    return max(1, tokens_per_chunk // seq_len)
 
 
 def walk_blocks(
@@ -129,6 +173,7 @@ def walk_blocks(
     tokens_per_chunk: int = DEFAULT_TOKENS_PER_CHUNK,
     desc: str = "blocks",
     progress: bool = True,
+    stream: BlockStream | None = None,
 ) -> Iterator[BlockStep]:
     """Yield a :class:`BlockStep` per decoder block, in order.
 
@@ -136,22 +181,44 @@ def walk_blocks(
     block over ``step.inputs`` to produce the next step's inputs.
     """
     blocks_name, blocks = find_blocks(model)
-    samples, seq_len = input_ids.shape
-    batch_size = max(1, tokens_per_chunk // seq_len)
+    seq_len = input_ids.shape[1]
+    batch_size = chunk_batch_size(seq_len, tokens_per_chunk)
     call_kwargs = capture_block_kwargs(model, blocks, seq_len)
-    hidden = capture_block_inputs(model, blocks, input_ids, batch_size)
-    bar = tqdm(total=len(blocks), desc=desc, unit="block", disable=not progress)
+    start = stream.start if stream else 0
+    if stream is not None and stream.hidden is not None:
+        hidden = stream.hidden
+    else:
+        hidden = capture_block_inputs(model, blocks, input_ids, batch_size)
+    check_finite(hidden, "the embeddings")
+    bar = tqdm(total=len(blocks), initial=start, desc=desc, unit="block", disable=not progress)
     try:
-        for index, block in enumerate(blocks):
+        for index in range(start, len(blocks)):
             started = time.perf_counter()
+            block = blocks[index]
+            if stream is not None:
+                stream.residency.load(index, block)
             step = BlockStep(index, f"{blocks_name}.{index}", block, hidden, call_kwargs[index], batch_size)
             yield step
-            hidden = step.forward()
+            step.forward(out=hidden)
+            check_finite(hidden, f"block {index}")
+            if stream is not None:
+                stream.residency.done(index, block, hidden)
             bar.set_postfix(block=index, seconds=f"{time.perf_counter() - started:.1f}")
             bar.update(1)
     finally:
         bar.close()
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def check_finite(hidden: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(hidden).all():
+        raise FloatingPointError(
+            f"the hidden states after {where} contain NaN or Inf on the calibration data; the model's weights "
+            "or the calibration text make it overflow (check the model in float32 on a few of these samples)"
+        )
+
+
+def _buffer_device(model: nn.Module) -> torch.device:
+    for tensor in (*model.buffers(), *model.parameters()):
+        if tensor.device.type != "meta":
+            return tensor.device
+    return torch.device("cpu")

@@ -5,23 +5,35 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..allocation import RankPlan
 from ..configs import LowRankConfig, RomConfig
-from .rom import plan_rom, run_rom
+from .rom import check_calibration_size, plan_rom, run_rom
+
+
+def _no_check(config: LowRankConfig, plan: RankPlan, input_ids: torch.Tensor) -> None:
+    return None
 
 
 @dataclass(frozen=True)
 class CompressionPass:
-    """``plan`` sizes the ranks before any work (so bad targets fail fast); ``run`` compresses in place."""
+    """How the optimizer drives a method.
+
+    ``plan`` sizes the ranks before any work, ``check`` validates the calibration data against
+    the plan (both so bad input fails fast), ``run`` compresses in place. ``streams``: ``run``
+    accepts ``stream=`` and so works block by block on models that are not in memory.
+    """
 
     plan: Callable[[nn.Module, LowRankConfig], RankPlan]
     run: Callable[..., RankPlan]
+    check: Callable[[LowRankConfig, RankPlan, torch.Tensor], None] = _no_check
+    streams: bool = False
 
 
 PASSES: dict[type[LowRankConfig], CompressionPass] = {
-    RomConfig: CompressionPass(plan_rom, run_rom),
+    RomConfig: CompressionPass(plan_rom, run_rom, check_calibration_size, streams=True),
 }
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..allocation import RankPlan, plan_trailing, plan_uniform
 from ..calibration.statistics import LinearStatistics, collect_block_statistics
-from ..calibration.walker import walk_blocks
+from ..calibration.walker import BlockStream, walk_blocks
 from ..configs import RomConfig
 from ..layers import FactorizedLinear
 from ..structure import count_parameters, find_blocks, find_linear_sites, set_module
@@ -43,15 +43,19 @@ def run_rom(
     input_ids: torch.Tensor,
     plan: RankPlan | None = None,
     progress: bool = True,
+    stream: BlockStream | None = None,
 ) -> RankPlan:
-    """Compress ``model`` in place with ROM; return the plan that was applied."""
+    """Compress ``model`` in place with ROM; return the plan that was applied.
+
+    With a ``stream`` the blocks are loaded and saved one at a time (see optimum_rom.streaming).
+    """
     plan = plan or plan_rom(model, config)
     by_block: dict[int, dict[str, int]] = {}
     for site in find_linear_sites(model, config.target_modules):
         if site.name in plan.ranks:
             by_block.setdefault(site.block, {})[site.name] = plan.ranks[site.name]
     with torch.no_grad():
-        for step in walk_blocks(model, input_ids, desc="ROM", progress=progress):
+        for step in walk_blocks(model, input_ids, desc="ROM", progress=progress, stream=stream):
             ranks = by_block.get(step.index)
             if not ranks:
                 continue
@@ -60,6 +64,18 @@ def run_rom(
             for name, rank in ranks.items():
                 set_module(model, name, rom_factorize(linears[name], stats[name], rank, config.center))
     return plan
+
+
+def check_calibration_size(config: RomConfig, plan: RankPlan, input_ids: torch.Tensor) -> None:
+    """A covariance of N tokens has rank < N: a larger rank would keep arbitrary directions."""
+    tokens = input_ids.numel()
+    largest = max(plan.ranks.values(), default=0)
+    if largest >= tokens:
+        raise ValueError(
+            f"the calibration set has {tokens} tokens but the plan needs rank {largest}: the feature covariance "
+            f"of {tokens} tokens cannot support it. Use num_samples x seq_len of at least {4 * largest} "
+            "(CLI: --num-samples, --seq-len)"
+        )
 
 
 def rom_factorize(

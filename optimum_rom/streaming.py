@@ -1,0 +1,275 @@
+"""Streaming compression: a model far larger than RAM, one block in memory at a time.
+
+The model is built on the ``meta`` device (no memory), the calibration tokens are embedded,
+then each block's weights are read from the safetensors files, compressed, written straight
+into their place in the output file and freed. Peak memory is the hidden states of the
+calibration set plus one block, independent of depth.
+
+After every block the output file, the hidden states entering the next block and a journal
+are on disk, so a killed run started again with the same command continues from the last
+finished block and produces the same checkpoint as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .allocation import RankPlan
+from .calibration.walker import BlockStream, capture_block_inputs, chunk_batch_size
+from .checkpoint import PartialOutput, SafetensorsWriter, TensorSpec
+from .configs import LowRankConfig
+from .integrations.transformers import ROM_SAFETENSORS_FORMAT, build_factorized_skeleton
+from .structure import find_blocks
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_HIDDEN_FILE = "hidden.safetensors"
+
+
+class LazyCheckpoint:
+    """A Hugging Face model directory whose tensors are read on demand.
+
+    ``model`` is the architecture on the meta device; :meth:`load` materializes the tensors
+    under a module in float32 (views of the memory-mapped file when already float32) and
+    :meth:`release` sends them back to meta, which unmaps them.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.config = AutoConfig.from_pretrained(self.directory)
+        if getattr(self.config, "quantization_config", None) is not None:
+            method = _quant_method(self.config.quantization_config)
+            raise ValueError(
+                f"{self.directory} is a quantized model (quant_method={method!r}); optimum-rom compresses float "
+                "weights: start from the original float16/bfloat16/float32 checkpoint"
+            )
+        self.files = _weight_files(self.directory)
+        self.specs: dict[str, TensorSpec] = {}
+        for file, names in self.files.items():
+            with safe_open(file, "pt") as handle:
+                for name in names:
+                    info = handle.get_slice(name)
+                    dtype = info.get_dtype()
+                    if dtype not in _DTYPES:
+                        raise ValueError(
+                            f"{name} in {file.name} has dtype {dtype}: the checkpoint holds quantized or integer "
+                            "weights; optimum-rom needs float weights"
+                        )
+                    self.specs[name] = TensorSpec(tuple(info.get_shape()), _DTYPES[dtype])
+        with init_empty_weights():
+            self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
+        self.model.tie_weights()  # not done on the meta device by from_config; counts tied weights once
+        self.model.eval()
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors as stored: read-only views of the file, whose pages leave memory with them."""
+        tensors = {}
+        for file, stored in self.files.items():
+            wanted = [n for n in names if n in stored]
+            if wanted:
+                with safe_open(file, "pt") as handle:
+                    tensors.update({n: handle.get_tensor(n) for n in wanted})
+        missing = set(names) - set(tensors)
+        if missing:
+            raise ValueError(
+                f"{self.directory} has no tensor {sorted(missing)[0]!r}; streaming needs a checkpoint written by "
+                "transformers' save_pretrained (load the model and save it once)"
+            )
+        return tensors
+
+    def load(self, prefix: str) -> None:
+        """Materialize every parameter and stored buffer under ``prefix`` (``""`` = the whole model)."""
+        names = [n for n in self._tensor_names(prefix) if n in self.specs]
+        for name, tensor in self.read(names).items():
+            set_module_tensor_to_device(self.model, name, "cpu", value=tensor.float())
+
+    def release(self, prefix: str) -> None:
+        for name in self._tensor_names(prefix):
+            set_module_tensor_to_device(self.model, name, "meta")
+
+    def _tensor_names(self, prefix: str) -> list[str]:
+        return [
+            name
+            for name in self.model.state_dict(keep_vars=True)
+            if not prefix or name == prefix or name.startswith(prefix + ".")
+        ]
+
+    def fingerprint(self) -> dict[str, object]:
+        """What identifies the weights: file names, sizes and modification times."""
+        return {str(f.name): [f.stat().st_size, f.stat().st_mtime_ns] for f in self.files}
+
+
+class StreamingBlocks:
+    """The walker's residency for streamed runs: load a block, and when done write it, free it, journal."""
+
+    def __init__(
+        self, source: LazyCheckpoint, blocks_name: str, writer: SafetensorsWriter, partial: PartialOutput
+    ) -> None:
+        self.source = source
+        self.blocks_name = blocks_name
+        self.writer = writer
+        self.partial = partial
+
+    def load(self, index: int, block: nn.Module) -> None:
+        self.source.load(f"{self.blocks_name}.{index}")
+
+    def done(self, index: int, block: nn.Module, outputs: torch.Tensor) -> None:
+        prefix = f"{self.blocks_name}.{index}"
+        state = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
+        self.writer.write({name: tensor for name, tensor in state.items() if name in self.writer.specs})
+        save_file({"hidden": outputs.contiguous()}, self.partial.path / f"{_HIDDEN_FILE}.tmp")
+        (self.partial.path / f"{_HIDDEN_FILE}.tmp").replace(self.partial.path / _HIDDEN_FILE)
+        self.partial.record(blocks_done=index + 1)
+        self.source.release(prefix)
+        return_freed_memory()
+
+
+def return_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc only; elsewhere a no-op).
+
+    glibc raises its mmap threshold after large blocks are freed, so later same-sized tensors
+    come from the heap, which it does not shrink by itself: without this, a streamed run's
+    memory grows by one block per block although every block is freed.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def output_specs(source: LazyCheckpoint, config: LowRankConfig, plan: RankPlan) -> dict[str, TensorSpec]:
+    """Name, shape and dtype of every tensor of the compressed checkpoint, in file order.
+
+    Factors keep the dtype of the dense weight they replace; tied weights the source does not
+    store are not stored either.
+    """
+    final = copy.deepcopy(source.model)  # on the meta device: free
+    build_factorized_skeleton(final, _with_modules(config, plan.ranks))
+    specs = {}
+    for name, tensor in final.state_dict(keep_vars=True).items():
+        module, _, _ = name.rpartition(".")
+        dense = module.rsplit(".", 1)[0] if module.endswith((".down", ".up")) else None
+        if dense in plan.ranks:
+            specs[name] = TensorSpec(tuple(tensor.shape), source.specs[f"{dense}.weight"].dtype)
+        elif name in source.specs:
+            specs[name] = source.specs[name]
+    return specs
+
+
+def compress_streaming(
+    source: LazyCheckpoint,
+    tokenizer,
+    config: LowRankConfig,
+    plan: RankPlan,
+    input_ids: torch.Tensor,
+    run: Callable[..., RankPlan],
+    save_dir: str | Path,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Compress ``source`` block by block into ``save_dir``; resumes a killed run of the same command."""
+    model = source.model
+    blocks_name, blocks = find_blocks(model)
+    fingerprint = _fingerprint(source, config, plan, input_ids)
+    specs = output_specs(source, config, plan)
+    with PartialOutput(save_dir, overwrite, fingerprint, resumable=True) as partial:
+        writer = SafetensorsWriter(
+            partial.path / "model.safetensors", specs, {"format": ROM_SAFETENSORS_FORMAT}
+        )
+        start = partial.progress.get("blocks_done", 0)
+        if not partial.resumed:
+            writer.create()
+            for name in specs:  # embeddings, final norm, untied lm_head: copied one at a time
+                if not name.startswith(blocks_name + "."):
+                    writer.write(source.read([name]))
+            hidden = _embed(source, blocks, input_ids)
+            save_file({"hidden": hidden}, partial.path / _HIDDEN_FILE)
+            partial.record(blocks_done=0)
+        else:
+            hidden = load_file(partial.path / _HIDDEN_FILE)["hidden"]
+        stream = BlockStream(
+            StreamingBlocks(source, blocks_name, writer, partial), start=start, hidden=hidden
+        )
+        run(model, config, input_ids, plan=plan, progress=progress, stream=stream)
+
+        (partial.path / _HIDDEN_FILE).unlink()
+        final_config = copy.deepcopy(source.config)
+        final_config.quantization_config = _with_modules(config, plan.ranks).to_dict()
+        final_config.save_pretrained(partial.path)
+        generation_config = source.directory / "generation_config.json"
+        if generation_config.is_file():
+            shutil.copy(generation_config, partial.path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(partial.path)
+        return partial.finish()
+
+
+def _embed(source: LazyCheckpoint, blocks: nn.ModuleList, input_ids: torch.Tensor) -> torch.Tensor:
+    """Hidden states entering the first block; only the input embeddings are loaded, briefly."""
+    embeddings = _module_name(source.model, source.model.get_input_embeddings())
+    source.load(embeddings)
+    try:
+        return capture_block_inputs(source.model, blocks, input_ids, chunk_batch_size(input_ids.shape[1]))
+    finally:
+        source.release(embeddings)
+
+
+def _with_modules(config: LowRankConfig, ranks: dict[str, int]) -> LowRankConfig:
+    config = copy.deepcopy(config)
+    config.modules = dict(ranks)
+    return config
+
+
+def _fingerprint(
+    source: LazyCheckpoint, config: LowRankConfig, plan: RankPlan, input_ids: torch.Tensor
+) -> str:
+    from . import __version__
+
+    identity = {
+        "version": __version__,
+        "source": str(source.directory.resolve()),
+        "files": source.fingerprint(),
+        "config": {k: v for k, v in config.to_dict().items() if k not in ("modules", "calibration")},
+        "ranks": plan.ranks,
+        "calibration": hashlib.sha256(input_ids.numpy().tobytes()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _weight_files(directory: Path) -> dict[Path, list[str]]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files: dict[Path, list[str]] = {}
+        for name, file in json.loads(index.read_text())["weight_map"].items():
+            files.setdefault(directory / file, []).append(name)
+        return files
+    single = directory / "model.safetensors"
+    if single.is_file():
+        with safe_open(single, "pt") as handle:
+            return {single: list(handle.keys())}
+    raise FileNotFoundError(
+        f"{directory} has no model.safetensors or model.safetensors.index.json; streaming compression reads "
+        "safetensors checkpoints (load the model and save it with save_pretrained once)"
+    )
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, candidate in model.named_modules() if candidate is module)
+
+
+def _quant_method(quantization_config) -> str | None:
+    if isinstance(quantization_config, dict):
+        return quantization_config.get("quant_method")
+    return getattr(quantization_config, "quant_method", None)

@@ -1,0 +1,159 @@
+"""Streaming compression: block by block from disk, resumable, identical to the in-memory result."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from optimum_rom import LowRankOptimizer, RomConfig
+from optimum_rom.checkpoint import PartialOutput, ensure_free_space
+
+CONFIG = dict(params_ratio=0.7, num_samples=8, seq_len=32)
+
+
+def digest(path):
+    return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_streamed_and_in_memory_compression_give_the_same_model(arch, model_dir, calibration_file, tmp_path):
+    dense = model_dir(arch)
+    streamed = LowRankOptimizer.from_pretrained(dense)
+    streamed.compress(
+        RomConfig(**CONFIG), calibration=calibration_file, save_dir=tmp_path / "streamed", progress=False
+    )
+    assert streamed.report.streamed
+
+    in_memory = LowRankOptimizer.from_pretrained(dense)
+    assert in_memory.model.num_parameters() > 0  # loading the model first selects the in-memory path
+    in_memory.compress(
+        RomConfig(**CONFIG), calibration=calibration_file, save_dir=tmp_path / "memory", progress=False
+    )
+    assert not in_memory.report.streamed
+
+    ids = torch.randint(0, 500, (2, 16))
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "memory")
+    torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=0, atol=0)
+    assert a.config.quantization_config.modules == b.config.quantization_config.modules
+
+
+KILL_AFTER_SECOND_BLOCK = textwrap.dedent(
+    """
+    import os, signal, sys
+    import optimum_rom.streaming as streaming
+    from optimum_rom import LowRankOptimizer, RomConfig
+
+    done = streaming.StreamingBlocks.done
+    def done_then_die(self, index, block, outputs):
+        done(self, index, block, outputs)
+        if index == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+    streaming.StreamingBlocks.done = done_then_die
+    model, calibration, output = sys.argv[1:]
+    LowRankOptimizer.from_pretrained(model).compress(
+        RomConfig(params_ratio=0.7, num_samples=8, seq_len=32), calibration=calibration, save_dir=output,
+        progress=False,
+    )
+    """
+)
+
+
+def test_a_killed_run_resumes_and_produces_the_identical_checkpoint(model_dir, calibration_file, tmp_path):
+    dense = model_dir("llama")
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_SECOND_BLOCK, dense, calibration_file, tmp_path / "out"],
+        timeout=600,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "out").exists()  # a partial run never looks like a checkpoint
+    assert (tmp_path / ".out.partial" / "progress.json").is_file()
+
+    resumed = LowRankOptimizer.from_pretrained(dense)
+    resumed.compress(
+        RomConfig(**CONFIG), calibration=calibration_file, save_dir=tmp_path / "out", progress=False
+    )
+    assert not (tmp_path / ".out.partial").exists()
+
+    LowRankOptimizer.from_pretrained(dense).compress(
+        RomConfig(**CONFIG), calibration=calibration_file, save_dir=tmp_path / "uninterrupted", progress=False
+    )
+    assert digest(tmp_path / "out") == digest(tmp_path / "uninterrupted")
+
+
+def test_a_partial_run_with_other_settings_is_started_afresh(model_dir, calibration_file, tmp_path):
+    partial = tmp_path / ".out.partial"
+    partial.mkdir()
+    (partial / "progress.json").write_text('{"fingerprint": "another run", "blocks_done": 2}')
+    LowRankOptimizer.from_pretrained(model_dir("llama")).compress(
+        RomConfig(**CONFIG), calibration=calibration_file, save_dir=tmp_path / "out", progress=False
+    )
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").num_parameters() > 0
+
+
+def test_two_runs_cannot_write_the_same_output(tmp_path):
+    first, second = PartialOutput(tmp_path / "out"), PartialOutput(tmp_path / "out")
+    with first, pytest.raises(FileExistsError, match="another optimum-rom process"), second:
+        pass
+
+
+def test_half_precision_weights_are_computed_in_float32_and_saved_as_they_were(
+    model_dir, calibration_file, tmp_path
+):
+    dense = model_dir("llama")
+    AutoModelForCausalLM.from_pretrained(dense, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    (dense / "tokenizer.json").rename(tmp_path / "bf16" / "tokenizer.json")
+    LowRankOptimizer.from_pretrained(tmp_path / "bf16").compress(
+        RomConfig(**CONFIG), calibration=calibration_file, save_dir=tmp_path / "out", progress=False
+    )
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as weights:
+        assert weights.get_tensor("model.layers.0.self_attn.q_proj.down.weight").dtype == torch.bfloat16
+
+
+def test_quantized_or_integer_checkpoints_are_refused(model_dir, calibration_file, tmp_path):
+    dense = model_dir("llama")
+    config = (dense / "config.json").read_text()
+    (dense / "config.json").write_text(
+        config.replace('"architectures"', '"quantization_config": {"quant_method": "gptq"}, "architectures"')
+    )
+    with pytest.raises(ValueError, match="quantized model .*'gptq'.*float"):
+        LowRankOptimizer.from_pretrained(dense).compress(
+            RomConfig(**CONFIG), calibration=calibration_file, save_dir=tmp_path / "out"
+        )
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_nan_activations_name_the_block(model_dir, calibration_file, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(model_dir("llama"))
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    optimizer = LowRankOptimizer(model, None)
+    ids = torch.randint(0, 500, (4, 16))
+    with pytest.raises(FloatingPointError, match="after block 1 contain NaN or Inf"):
+        optimizer.compress(
+            RomConfig(params_ratio=0.8, num_samples=4, seq_len=16), calibration=ids, progress=False
+        )
+
+
+def test_too_few_calibration_tokens_for_the_rank(model_dir, calibration_file, tmp_path):
+    with pytest.raises(ValueError, match=r"calibration set has 16 tokens but the plan needs rank \d+"):
+        LowRankOptimizer.from_pretrained(model_dir("llama")).compress(
+            RomConfig(params_ratio=0.9, num_samples=1, seq_len=16),
+            calibration=calibration_file,
+            save_dir=tmp_path / "o",
+        )
+    assert not (tmp_path / "o").exists()
+
+
+def test_not_enough_disk_space_is_reported_before_any_work(tmp_path, monkeypatch):
+    usage = os.statvfs(tmp_path)
+    free = usage.f_bavail * usage.f_frsize
+    with pytest.raises(OSError, match="not enough disk space .* GiB are free; free some space"):
+        ensure_free_space(tmp_path, free + 2**40)
