@@ -18,7 +18,7 @@ from .integrations.transformers import attach_quantizer
 from .model_sources import load_causal_lm, load_model, resolve_model_path
 from .passes import pass_for
 from .streaming import LazyCheckpoint, compress_streaming
-from .structure import count_parameters
+from .structure import check_compressible, count_parameters
 
 
 @dataclass
@@ -135,6 +135,7 @@ class LowRankOptimizer(OptimumQuantizer):
         streamed = save_dir is not None and self._model is None and compression_pass.streams
         source = LazyCheckpoint(self.source) if streamed else None
         model = source.model if streamed else self.model
+        check_compressible(model)
         plan = compression_pass.plan(model, config)
         compression_pass.check(config, plan, input_ids)
 
@@ -154,7 +155,10 @@ class LowRankOptimizer(OptimumQuantizer):
             )
             self._model = AutoModelForCausalLM.from_pretrained(path)
         else:
-            compression_pass.run(model, config, input_ids, plan=plan, progress=progress)
+            # Half-precision weights are compressed in float32 and returned in their own dtype.
+            dtype = model.dtype
+            compression_pass.run(model.float(), config, input_ids, plan=plan, progress=progress)
+            model.to(dtype)
             attach_quantizer(model, config)
         self.report = CompressionReport(
             method=config.quant_method,

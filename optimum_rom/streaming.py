@@ -34,7 +34,7 @@ from .calibration.walker import BlockStream, capture_block_inputs, chunk_batch_s
 from .checkpoint import PartialOutput, SafetensorsWriter, TensorSpec
 from .configs import LowRankConfig
 from .integrations.transformers import ROM_SAFETENSORS_FORMAT, build_factorized_skeleton
-from .structure import find_blocks
+from .structure import check_compressible, find_blocks
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _HIDDEN_FILE = "hidden.safetensors"
@@ -51,12 +51,6 @@ class LazyCheckpoint:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self.config = AutoConfig.from_pretrained(self.directory)
-        if getattr(self.config, "quantization_config", None) is not None:
-            method = _quant_method(self.config.quantization_config)
-            raise ValueError(
-                f"{self.directory} is a quantized model (quant_method={method!r}); optimum-rom compresses float "
-                "weights: start from the original float16/bfloat16/float32 checkpoint"
-            )
         self.files = _weight_files(self.directory)
         self.specs: dict[str, TensorSpec] = {}
         for file, names in self.files.items():
@@ -72,6 +66,7 @@ class LazyCheckpoint:
                     self.specs[name] = TensorSpec(tuple(info.get_shape()), _DTYPES[dtype])
         with init_empty_weights():
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
+        check_compressible(self.model)
         self.model.tie_weights()  # not done on the meta device by from_config; counts tied weights once
         self.model.eval()
 
@@ -267,9 +262,3 @@ def _weight_files(directory: Path) -> dict[Path, list[str]]:
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:
     return next(name for name, candidate in model.named_modules() if candidate is module)
-
-
-def _quant_method(quantization_config) -> str | None:
-    if isinstance(quantization_config, dict):
-        return quantization_config.get("quant_method")
-    return getattr(quantization_config, "quant_method", None)

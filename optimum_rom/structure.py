@@ -114,3 +114,19 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def count_parameters(model: nn.Module) -> int:
     """Parameters of the model, tied weights counted once (``model.parameters()`` de-duplicates)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def check_compressible(model: nn.Module) -> None:
+    """Refuse quantized, integer or already-factorized models with a message that says why."""
+    quantization = getattr(getattr(model, "config", None), "quantization_config", None)
+    if quantization is not None:
+        method = (
+            quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+        )
+        raise ValueError(
+            f"the model is already compressed or quantized (quant_method={method!r}); optimum-rom compresses "
+            "float weights: start from the original dense float16/bfloat16/float32 model"
+        )
+    for name, parameter in model.named_parameters():
+        if not parameter.is_floating_point():
+            raise ValueError(f"{name} has {parameter.dtype} weights; optimum-rom needs float weights")

@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from optimum_rom import FactorizedLinear, LowRankOptimizer, RomConfig
@@ -82,3 +83,22 @@ def test_an_existing_output_directory_is_not_overwritten_by_default(model_dir, c
 def test_compressing_while_loading_is_refused_with_a_pointer_to_the_optimizer(model_dir):
     with pytest.raises(ValueError, match="LowRankOptimizer"):
         AutoModelForCausalLM.from_pretrained(model_dir("llama"), quantization_config=RomConfig())
+
+
+def test_a_checkpoint_missing_factors_does_not_load(model_dir, calibration_file, tmp_path):
+    compress_to(tmp_path / "rom", model_dir, "llama", calibration_file)
+    weights = load_file(tmp_path / "rom" / "model.safetensors")
+    with safe_open(tmp_path / "rom" / "model.safetensors", "pt") as handle:
+        metadata = handle.metadata()
+    del weights["model.layers.2.mlp.up_proj.down.weight"]
+    save_file(weights, tmp_path / "rom" / "model.safetensors", metadata=metadata)
+    with pytest.raises(ValueError, match="incomplete or corrupted.*model.layers.2.mlp.up_proj.down.weight"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "rom")
+
+
+def test_a_truncated_checkpoint_fails_loudly(model_dir, calibration_file, tmp_path):
+    compress_to(tmp_path / "rom", model_dir, "llama", calibration_file)
+    path = tmp_path / "rom" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(Exception, match="(?i)safetensors|incomplete|deserializ"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "rom")

@@ -15,6 +15,8 @@ from transformers import AutoModelForCausalLM
 from optimum_rom import LowRankOptimizer, RomConfig
 from optimum_rom.checkpoint import PartialOutput, ensure_free_space
 
+from .conftest import tiny_model
+
 CONFIG = dict(params_ratio=0.7, num_samples=8, seq_len=32)
 
 
@@ -123,7 +125,7 @@ def test_quantized_or_integer_checkpoints_are_refused(model_dir, calibration_fil
     (dense / "config.json").write_text(
         config.replace('"architectures"', '"quantization_config": {"quant_method": "gptq"}, "architectures"')
     )
-    with pytest.raises(ValueError, match="quantized model .*'gptq'.*float"):
+    with pytest.raises(ValueError, match=r"quantized \(quant_method='gptq'\).*float weights"):
         LowRankOptimizer.from_pretrained(dense).compress(
             RomConfig(**CONFIG), calibration=calibration_file, save_dir=tmp_path / "out"
         )
@@ -157,3 +159,22 @@ def test_not_enough_disk_space_is_reported_before_any_work(tmp_path, monkeypatch
     free = usage.f_bavail * usage.f_frsize
     with pytest.raises(OSError, match="not enough disk space .* GiB are free; free some space"):
         ensure_free_space(tmp_path, free + 2**40)
+
+
+def test_in_memory_half_precision_models_come_back_in_their_dtype(calibration_file, tokenizer):
+    model = tiny_model("qwen2").to(torch.float16)
+    compressed = LowRankOptimizer(model, tokenizer).compress(
+        RomConfig(**CONFIG), calibration=calibration_file, progress=False
+    )
+    assert compressed.model.layers[0].self_attn.q_proj.down.weight.dtype == torch.float16
+
+
+def test_an_already_compressed_model_is_refused(model_dir, calibration_file, tmp_path):
+    optimizer = LowRankOptimizer.from_pretrained(model_dir("llama"))
+    optimizer.compress(
+        RomConfig(**CONFIG), calibration=calibration_file, save_dir=tmp_path / "rom", progress=False
+    )
+    with pytest.raises(ValueError, match="already compressed or quantized \\(quant_method='rom'\\)"):
+        LowRankOptimizer.from_pretrained(tmp_path / "rom").compress(
+            RomConfig(**CONFIG), calibration=calibration_file
+        )

@@ -53,6 +53,22 @@ class LowRankHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         return model
 
+    def update_missing_keys(self, model: nn.Module, missing_keys: list[str], prefix: str) -> list[str]:
+        # transformers would random-initialize these and only warn: a factorized checkpoint that lacks
+        # a factor is corrupted or partial, and must not load.
+        factorized = tuple(f"{name}." for name in self.quantization_config.modules)
+        lost = [
+            key
+            for key in missing_keys
+            if key.startswith(factorized) or f"{prefix}.{key}".startswith(factorized)
+        ]
+        if lost:
+            raise ValueError(
+                f"the checkpoint is incomplete or corrupted: {len(lost)} factorized tensors are missing "
+                f"(e.g. {lost[0]}); compress the model again"
+            )
+        return missing_keys
+
     def get_state_dict_and_metadata(self, model: nn.Module, safe_serialization: bool = False):
         # Record the ranks the model has now (a merged LoRA adapter may have grown them); transformers
         # writes config.json from model.config right after this call.
