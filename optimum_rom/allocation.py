@@ -8,8 +8,11 @@ saves parameters (the ``up`` bias counted).
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+import torch
 
 from .layers import factorized_parameter_count
 from .structure import LinearSite
@@ -145,3 +148,66 @@ def plan_trailing(
         )
     blocks = range(num_blocks - num_trailing_blocks, num_blocks)
     return plan_uniform(sites, total_params, params_ratio, with_bias, blocks=blocks)
+
+
+def plan_by_damage(
+    sites: list[LinearSite],
+    total_params: int,
+    params_ratio: float,
+    with_bias: bool,
+    damage: dict[str, torch.Tensor],
+) -> RankPlan:
+    """Spend the parameter budget where it removes the most damage.
+
+    ``damage[name][r]`` estimates what keeping rank ``r`` of that linear costs the model (it
+    decreases with ``r``; keeping the matrix dense costs nothing). Starting from rank 1
+    everywhere, the budget goes, one rank at a time, to the linear whose next rank removes the
+    most damage per parameter; once a rank no longer saves parameters, the next step is to
+    keep that matrix dense. With decreasing marginal gains this greedy order is optimal up to
+    the last rank.
+    """
+    target = params_ratio * total_params
+    if total_params <= target:
+        return RankPlan({}, total_params, total_params, 1.0, [])
+    ranks = {site.name: 1 for site in sites}
+    kept = (
+        total_params - sum(s.dense_params for s in sites) + sum(site_params(s, 1, with_bias) for s in sites)
+    )
+    if kept > target:
+        raise UnreachableTargetError(
+            f"params_ratio={params_ratio} is out of reach: with every compressible linear at rank 1 the model "
+            f"still keeps {kept / total_params:.1%} of its parameters. Choose params_ratio >= "
+            f"{kept / total_params:.3f}."
+        )
+    dense: set[str] = set()
+    moves: list[tuple[float, int, str, int]] = []
+
+    def offer(site: LinearSite) -> None:
+        rank, curve = ranks[site.name], damage[site.name]
+        cost = site_params(site, rank, with_bias)
+        if rank + 1 >= len(curve) or site_params(site, rank + 1, with_bias) >= site.dense_params:
+            extra = site.dense_params - cost  # going dense removes all that is left
+            gain = float(curve[min(rank, len(curve) - 1)])
+        else:
+            extra = site.in_features + site.out_features
+            gain = float(curve[rank] - curve[rank + 1])
+        heapq.heappush(moves, (-gain / max(extra, 1), len(moves), site.name, extra))
+
+    by_name = {site.name: site for site in sites}
+    for site in sites:
+        offer(site)
+    while moves:
+        _, _, name, extra = heapq.heappop(moves)
+        if kept + extra > target:
+            continue
+        kept += extra
+        site = by_name[name]
+        if site_params(site, ranks[name] + 1, with_bias) >= site.dense_params or ranks[name] + 1 >= len(
+            damage[name]
+        ):
+            dense.add(name)
+        else:
+            ranks[name] += 1
+            offer(site)
+    factorized = {name: rank for name, rank in ranks.items() if name not in dense}
+    return RankPlan(factorized, total_params, kept, 0.0, sorted({s.block for s in sites}))

@@ -14,11 +14,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from .calibration.data import CalibrationSource, describe_source, load_calibration
 from .checkpoint import atomic_directory, check_output_dir
 from .configs import LowRankConfig
+from .healing import heal
 from .integrations.transformers import attach_quantizer
 from .model_sources import load_causal_lm, load_model, resolve_model_path
 from .passes import pass_for
 from .streaming import LazyCheckpoint, compress_streaming
 from .structure import check_compressible, count_parameters
+
+# Healing draws its own windows from the calibration source: more text than calibration needs
+# (15 minutes on this class of CPU sees roughly 100k tokens of a 135M model).
+HEAL_SAMPLES = 1024
+HEAL_SEQ_LEN = 256
 
 
 @dataclass
@@ -30,8 +36,9 @@ class CompressionReport:
     params_after: int
     target_ratio: float
     factorized_modules: int
-    seconds: float
+    seconds: float  # compression, healing excluded
     streamed: bool
+    healing: dict | None = None
 
     @property
     def ratio(self) -> float:
@@ -139,6 +146,11 @@ class LowRankOptimizer(OptimumQuantizer):
         plan = compression_pass.plan(model, config)
         compression_pass.check(config, plan, input_ids)
 
+        heal_minutes = getattr(config, "heal_minutes", 0)
+        teacher = None
+        if heal_minutes and config.heal_distill and not streamed:
+            teacher = copy.deepcopy(model)  # the dense model, before it is compressed in place
+
         started = time.perf_counter()
         params_before = count_parameters(model)
         if streamed:
@@ -160,17 +172,28 @@ class LowRankOptimizer(OptimumQuantizer):
             compression_pass.run(model.float(), config, input_ids, plan=plan, progress=progress)
             model.to(dtype)
             attach_quantizer(model, config)
+        seconds = time.perf_counter() - started
+        healing = None
+        if heal_minutes:
+            if config.heal_distill and teacher is None:
+                teacher = load_causal_lm(self.source)
+            heal_ids = load_calibration(
+                calibration, self.tokenizer, HEAL_SAMPLES, HEAL_SEQ_LEN, config.seed + 1, text_field
+            )
+            healing = heal(self._model, heal_ids, heal_minutes, teacher=teacher, progress=progress)
+            del teacher
         self.report = CompressionReport(
             method=config.quant_method,
             params_before=params_before,
             params_after=count_parameters(self._model),
             target_ratio=config.params_ratio,
             factorized_modules=len(plan.ranks),
-            seconds=time.perf_counter() - started,
+            seconds=seconds,
             streamed=streamed,
+            healing=healing.to_dict() if healing else None,
         )
-        if save_dir is not None and not streamed:
-            self.save(save_dir, overwrite=overwrite)
+        if save_dir is not None and (not streamed or healing):
+            self.save(save_dir, overwrite=overwrite or streamed)
         return self._model
 
     def save(self, save_dir: str | Path, overwrite: bool = False) -> Path:

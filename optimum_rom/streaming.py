@@ -122,11 +122,13 @@ class StreamingBlocks:
     def load(self, index: int, block: nn.Module) -> None:
         self.source.load(f"{self.blocks_name}.{index}")
 
-    def done(self, index: int, block: nn.Module, outputs: torch.Tensor) -> None:
+    def done(
+        self, index: int, block: nn.Module, hidden: torch.Tensor, reference: torch.Tensor | None
+    ) -> None:
         prefix = f"{self.blocks_name}.{index}"
         state = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
         self.writer.write({name: tensor for name, tensor in state.items() if name in self.writer.specs})
-        save_file({"hidden": outputs.contiguous()}, self.partial.path / f"{_HIDDEN_FILE}.tmp")
+        save_file(_streams(hidden, reference), self.partial.path / f"{_HIDDEN_FILE}.tmp")
         (self.partial.path / f"{_HIDDEN_FILE}.tmp").replace(self.partial.path / _HIDDEN_FILE)
         self.partial.record(blocks_done=index + 1)
         self.source.release(prefix)
@@ -189,14 +191,12 @@ def compress_streaming(
             for name in specs:  # embeddings, final norm, untied lm_head: copied one at a time
                 if not name.startswith(blocks_name + "."):
                     writer.write(source.read([name]))
-            hidden = _embed(source, blocks, input_ids)
-            save_file({"hidden": hidden}, partial.path / _HIDDEN_FILE)
+            save_file(_streams(_embed(source, blocks, input_ids), None), partial.path / _HIDDEN_FILE)
             partial.record(blocks_done=0)
-        else:
-            hidden = load_file(partial.path / _HIDDEN_FILE)["hidden"]
-        stream = BlockStream(
-            StreamingBlocks(source, blocks_name, writer, partial), start=start, hidden=hidden
-        )
+        # Copies: the walker updates the streams in place, and loaded tensors are read-only file views.
+        saved = {name: tensor.clone() for name, tensor in load_file(partial.path / _HIDDEN_FILE).items()}
+        residency = StreamingBlocks(source, blocks_name, writer, partial)
+        stream = BlockStream(residency, start, saved["hidden"], saved.get("reference"))
         run(model, config, input_ids, plan=plan, progress=progress, stream=stream)
 
         (partial.path / _HIDDEN_FILE).unlink()
@@ -209,6 +209,13 @@ def compress_streaming(
         if tokenizer is not None:
             tokenizer.save_pretrained(partial.path)
         return partial.finish()
+
+
+def _streams(hidden: torch.Tensor, reference: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    streams = {"hidden": hidden.contiguous()}
+    if reference is not None:
+        streams["reference"] = reference.contiguous()
+    return streams
 
 
 def _embed(source: LazyCheckpoint, blocks: nn.ModuleList, input_ids: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,9 @@ from torch import nn
 
 from optimum_rom import FactorizedLinear, LowRankOptimizer, RomConfig
 from optimum_rom.calibration import LinearStatistics, Moments, walk_blocks
+from optimum_rom.calibration.statistics import CrossMoments
 from optimum_rom.passes.rom import rom_factorize
+from optimum_rom.refinement import refine_block
 from optimum_rom.structure import count_parameters
 
 from .conftest import ARCHITECTURES, tiny_model
@@ -96,3 +98,73 @@ def test_compressing_a_model_reaches_the_target_and_keeps_it_working(
     logits = compressed(ids).logits
     assert torch.isfinite(logits).all()
     assert not torch.allclose(logits, dense_logits)
+
+
+def paired_statistics(x: torch.Tensor, z: torch.Tensor) -> LinearStatistics:
+    moments = CrossMoments(x.shape[1])
+    for xs, zs in zip(x.split(1000), z.split(1000), strict=True):
+        moments.update_pair(xs, zs)
+    return LinearStatistics("paired", moments)
+
+
+def test_error_correcting_fit_equals_rom_when_nothing_upstream_changed():
+    torch.manual_seed(0)
+    x, linear = features(), nn.Linear(48, 40)
+    plain = rom_factorize(linear, input_statistics(x), 10)
+    corrected = rom_factorize(linear, paired_statistics(x, x), 10, ridge=0.0)
+    torch.testing.assert_close(corrected(x), plain(x), atol=1e-4, rtol=1e-4)
+
+
+def test_error_correcting_fit_undoes_upstream_distortion():
+    """The compressed model's inputs x are a distorted version of the dense model's inputs z:
+    fitting the dense outputs recovers them, fitting x's own outputs cannot."""
+    torch.manual_seed(0)
+    z, linear = features(), nn.Linear(48, 40)
+    distortion = torch.eye(48) + 0.3 * torch.randn(48, 48)
+    x = z @ distortion.T + 0.5
+    wanted = linear(z)
+    plain = rom_factorize(linear, input_statistics(x), 40)
+    corrected = rom_factorize(linear, paired_statistics(x, z), 40, ridge=0.0)
+    plain_error = (plain(x) - wanted).pow(2).mean()
+    corrected_error = (corrected(x) - wanted).pow(2).mean()
+    assert corrected_error < 1e-6 * plain_error
+
+
+def test_block_refinement_reduces_the_block_error(tokenizer, calibration_file):
+    model = tiny_model("llama")
+    ids = torch.randint(0, 500, (16, 32))
+    for step in walk_blocks(model, ids, progress=False):
+        targets = step.forward()
+        block = step.block
+        for name in ("mlp.gate_proj", "mlp.up_proj", "self_attn.q_proj"):
+            dense = block.get_submodule(name)
+            u, s, vh = torch.linalg.svd(dense.weight.detach(), full_matrices=False)
+            layer = FactorizedLinear.from_factors(s[:4, None] * vh[:4], u[:, :4], dense.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent), child, layer)
+        before = (step.forward() - targets).pow(2).mean() / targets[:2].var()
+        after = refine_block(step, targets, epochs=5, lr=1e-3)
+        assert after < before
+        break
+
+
+def test_new_options_are_validated():
+    with pytest.raises(ValueError, match="target must be one of"):
+        RomConfig(target="teacher")
+    with pytest.raises(ValueError, match="needs center=True"):
+        RomConfig(target="dense", center=False)
+    with pytest.raises(ValueError, match="refine_epochs must be a non-negative integer"):
+        RomConfig(refine_epochs=-1)
+
+
+@pytest.mark.parametrize(
+    "options", [dict(target="dense"), dict(refine_epochs=2), dict(target="dense", refine_epochs=1)]
+)
+def test_error_correcting_and_refined_compression_end_to_end(options, model_dir, calibration_file, tmp_path):
+    config = RomConfig(params_ratio=0.7, num_samples=16, seq_len=32, **options)
+    optimizer = LowRankOptimizer.from_pretrained(model_dir("qwen2"))
+    model = optimizer.compress(
+        config, calibration=calibration_file, save_dir=tmp_path / "rom", progress=False
+    )
+    assert optimizer.report.ratio == pytest.approx(0.7, rel=0.01)
+    assert torch.isfinite(model(torch.randint(0, 500, (1, 8))).logits).all()

@@ -58,11 +58,44 @@ class Moments:
         return self.covariance() + torch.outer(mean, mean)
 
 
+class CrossMoments(Moments):
+    """Moments of ``x`` and its cross-covariance with a paired stream ``z``, both float64.
+
+    ``x`` is what a linear sees in the compressed model and ``z`` what it sees, for the same
+    token, in the dense model: error-correcting fits regress the dense outputs on ``x``.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.paired_shift: torch.Tensor | None = None
+        self.paired_sum = torch.zeros(dim, dtype=torch.float64)
+        self.cross = torch.zeros(dim, dim, dtype=torch.float64)
+
+    def update_pair(self, features: torch.Tensor, paired: torch.Tensor) -> None:
+        super().update(features)
+        rows = features.detach().reshape(-1, self.dim).float() - self.shift
+        others = paired.detach().reshape(-1, self.dim).float()
+        if self.paired_shift is None:
+            self.paired_shift = others.mean(0)
+        others = others - self.paired_shift
+        self.paired_sum += others.sum(0, dtype=torch.float64)
+        self.cross += (rows.T @ others).double()
+
+    @property
+    def paired_mean(self) -> torch.Tensor:
+        return self.paired_shift.double() + self.paired_sum / self.count
+
+    def cross_covariance(self) -> torch.Tensor:
+        """``E[(x - mean x)(z - mean z)^T]``."""
+        return self.cross / self.count - torch.outer(self.sum / self.count, self.paired_sum / self.count)
+
+
 @dataclass
 class LinearStatistics:
-    """Statistics measured for one linear: of its input ``x`` or of its bias-free output ``W x``."""
+    """Statistics measured for one linear: of its input ``x``, of its bias-free output ``W x``, or
+    (``"paired"``) of its input in the compressed model together with its input in the dense one."""
 
-    site: Literal["input", "output"]
+    site: Literal["input", "output", "paired"]
     moments: Moments
     _roots: dict[bool, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -85,58 +118,80 @@ class LinearStatistics:
         return weight.double() @ self.moments.mean
 
 
-def collect_block_statistics(step: BlockStep, linears: dict[str, nn.Linear]) -> dict[str, LinearStatistics]:
+def collect_block_statistics(
+    step: BlockStep, linears: dict[str, nn.Linear], paired: bool = False
+) -> dict[str, LinearStatistics]:
     """Statistics of every given linear, from one pass of ``step``'s block over its inputs.
 
     All linears are measured on the block as it is when the step begins, as the paper does
     (measuring each group after compressing the ones before it was tried: it is slower and on
     SmolLM2 no better with uniform allocation, 8% worse with the paper's trailing blocks).
-    Linears sharing an input share one :class:`LinearStatistics`; the pass stops once the last
-    measured linear has been seen.
+    Linears sharing an input share one :class:`LinearStatistics`; each pass stops once the
+    last measured linear has been seen. ``paired`` (needs the walker's reference stream) also
+    runs the block on the dense model's hidden states and pairs every input with its dense twin.
     """
     groups = shared_input_groups(step, linears)
     stats: dict[str, LinearStatistics] = {}
-    handles = []
-    for index, group in enumerate(groups):
+    leaders = []
+    for group in groups:
         leader = linears[group[0]]
-        if len(group) > 1 or leader.in_features <= leader.out_features:
+        if paired:
+            measured = LinearStatistics("paired", CrossMoments(leader.in_features))
+        elif len(group) > 1 or leader.in_features <= leader.out_features:
             measured = LinearStatistics("input", Moments(leader.in_features))
-            handles.append(
-                leader.register_forward_pre_hook(_measure_input(measured.moments, index == len(groups) - 1))
-            )
         else:
             measured = LinearStatistics("output", Moments(leader.out_features))
-            handles.append(
-                leader.register_forward_hook(_measure_output(measured.moments, index == len(groups) - 1))
-            )
         stats.update({name: measured for name in group})
-    try:
-        with torch.no_grad():
-            for start in range(0, step.inputs.shape[0], step.batch_size):
-                with contextlib.suppress(_StopForward):
-                    call_block(step.block, step.inputs[start : start + step.batch_size], step.call_kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+        leaders.append((leader, measured))
+
+    for start in range(0, step.inputs.shape[0], step.batch_size):
+        chunk = slice(start, start + step.batch_size)
+        if not paired:
+            _run_until_measured(step, step.inputs[chunk], [_measurer(m) for _, m in leaders], leaders)
+            continue
+        dense_inputs: list[torch.Tensor] = []
+        _run_until_measured(step, step.reference_inputs[chunk], [dense_inputs.append] * len(leaders), leaders)
+        pairs = [
+            lambda x, m=measured, z=z: m.moments.update_pair(x, z)
+            for (_, measured), z in zip(leaders, dense_inputs, strict=True)
+        ]
+        _run_until_measured(step, step.inputs[chunk], pairs, leaders)
     return stats
 
 
-def _measure_input(moments: Moments, last: bool):
-    def hook(module, inputs):
-        moments.update(inputs[0])
-        if last:  # nothing after this is needed: skip the rest of the block
-            raise _StopForward
-
-    return hook
+def _measurer(measured: LinearStatistics):
+    return measured.moments.update
 
 
-def _measure_output(moments: Moments, last: bool):
-    def hook(module, inputs, output):
-        moments.update(output if module.bias is None else output - module.bias)
-        if last:
-            raise _StopForward
+def _run_until_measured(step: BlockStep, hidden: torch.Tensor, receivers: list, leaders: list) -> None:
+    """Run the block on ``hidden``, handing each leader's input (its output, for output-site
+    statistics) to its receiver, and stop once the last one has been handed over."""
+    handles = []
+    last = len(leaders) - 1
 
-    return hook
+    def make_hook(index: int, output_site: bool):
+        def receive(value: torch.Tensor) -> None:
+            receivers[index](value)
+            if index == last:  # nothing after this is needed: skip the rest of the block
+                raise _StopForward
+
+        if output_site:
+            return lambda module, inputs, output: receive(
+                output if module.bias is None else output - module.bias
+            )
+        return lambda module, inputs: receive(inputs[0])
+
+    for index, (leader, measured) in enumerate(leaders):
+        if measured.site == "output":
+            handles.append(leader.register_forward_hook(make_hook(index, True)))
+        else:
+            handles.append(leader.register_forward_pre_hook(make_hook(index, False)))
+    try:
+        with torch.no_grad(), contextlib.suppress(_StopForward):
+            call_block(step.block, hidden, step.call_kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def shared_input_groups(step: BlockStep, linears: dict[str, nn.Linear]) -> list[list[str]]:

@@ -46,6 +46,10 @@ class BlockStep:
     inputs: torch.Tensor  # (samples, seq_len, hidden)
     call_kwargs: dict[str, Any] = field(repr=False)
     batch_size: int = 8
+    # With a reference stream: the dense model's hidden states entering this block, and what the
+    # dense block makes of them (the targets of error-correcting passes).
+    reference_inputs: torch.Tensor | None = field(default=None, repr=False)
+    reference_outputs: torch.Tensor | None = field(default=None, repr=False)
 
     def forward(self, inputs: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Run the block (as it is now) over ``inputs`` (default: this step's inputs), in chunks.
@@ -66,7 +70,9 @@ class BlockResidency(Protocol):
 
     def load(self, index: int, block: nn.Module) -> None: ...
 
-    def done(self, index: int, block: nn.Module, outputs: torch.Tensor) -> None: ...
+    def done(
+        self, index: int, block: nn.Module, hidden: torch.Tensor, reference: torch.Tensor | None
+    ) -> None: ...
 
 
 @dataclass
@@ -76,6 +82,7 @@ class BlockStream:
     residency: BlockResidency
     start: int = 0
     hidden: torch.Tensor | None = None  # the hidden states entering block ``start``
+    reference: torch.Tensor | None = None  # the dense model's, when a reference stream is tracked
 
 
 def call_block(block: nn.Module, hidden: torch.Tensor, call_kwargs: dict[str, Any]) -> torch.Tensor:
@@ -174,11 +181,14 @@ def walk_blocks(
     desc: str = "blocks",
     progress: bool = True,
     stream: BlockStream | None = None,
+    reference: bool = False,
 ) -> Iterator[BlockStep]:
     """Yield a :class:`BlockStep` per decoder block, in order.
 
     Between yields the caller may modify ``step.block``; the walker then runs the modified
-    block over ``step.inputs`` to produce the next step's inputs.
+    block over ``step.inputs`` to produce the next step's inputs. With ``reference`` it also
+    carries the dense model's own hidden states alongside (twice the activation memory, one
+    more dense block pass per block).
     """
     blocks_name, blocks = find_blocks(model)
     seq_len = input_ids.shape[1]
@@ -190,6 +200,9 @@ def walk_blocks(
     else:
         hidden = capture_block_inputs(model, blocks, input_ids, batch_size)
     check_finite(hidden, "the embeddings")
+    dense = None
+    if reference:
+        dense = stream.reference if stream is not None and stream.reference is not None else hidden.clone()
     bar = tqdm(total=len(blocks), initial=start, desc=desc, unit="block", disable=not progress)
     try:
         for index in range(start, len(blocks)):
@@ -198,11 +211,15 @@ def walk_blocks(
             if stream is not None:
                 stream.residency.load(index, block)
             step = BlockStep(index, f"{blocks_name}.{index}", block, hidden, call_kwargs[index], batch_size)
+            if dense is not None:
+                step.reference_inputs, step.reference_outputs = dense, step.forward(dense)
             yield step
             step.forward(out=hidden)
             check_finite(hidden, f"block {index}")
+            if dense is not None:
+                dense = step.reference_outputs
             if stream is not None:
-                stream.residency.done(index, block, hidden)
+                stream.residency.done(index, block, hidden, dense)
             bar.set_postfix(block=index, seconds=f"{time.perf_counter() - started:.1f}")
             bar.update(1)
     finally:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from .base import LowRankConfig
 
 ALLOCATIONS = ("uniform", "paper")
+TARGETS = ("local", "dense")
 
 
 @dataclass
@@ -22,17 +23,41 @@ class RomConfig(LowRankConfig):
             which is what the paper's 80% LLaMA-7B setting amounts to.
         center: project mean-centred features and put the mean back through the bias (the
             paper's centred covariance made exact); ``False`` uses the uncentred second moment.
+        target: what each factorized linear is fitted to. ``"local"`` (the paper): the principal
+            subspace of its own outputs in the partly compressed model. ``"dense"``
+            (error-correcting): the dense model's outputs, predicted from the compressed model's
+            inputs, so errors of earlier layers are corrected instead of piling up with depth.
+        refine_epochs: after the per-linear fits, epochs of Adam on each whole block's output
+            (0 = off), towards the dense block's outputs.
+        heal_minutes: after compression, fine-tune LoRA adapters on the calibration text for this
+            many minutes and merge them (sizes unchanged; 0 = off). See optimum_rom.healing.
+        heal_distill: heal towards the dense model's next-token distribution (knowledge
+            distillation) instead of the text's next tokens.
     """
 
     allocation: str = "uniform"
     num_trailing_blocks: int | None = None
     center: bool = True
+    target: str = "local"
+    refine_epochs: int = 0
+    heal_minutes: float = 0.0
+    heal_distill: bool = True
     quant_method: str = "rom"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.target == "dense" and not self.center:
+            raise ValueError("target='dense' fits centred features; it needs center=True")
+        if not isinstance(self.refine_epochs, int) or self.refine_epochs < 0:
+            raise ValueError(f"refine_epochs must be a non-negative integer, got {self.refine_epochs!r}")
+        if not isinstance(self.heal_minutes, (int, float)) or self.heal_minutes < 0:
+            raise ValueError(
+                f"heal_minutes must be a non-negative number of minutes, got {self.heal_minutes!r}"
+            )
         if self.num_trailing_blocks is not None and (
             not isinstance(self.num_trailing_blocks, int) or self.num_trailing_blocks < 1
         ):

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from ..allocation import RankPlan, plan_trailing, plan_uniform
-from ..calibration.statistics import LinearStatistics, collect_block_statistics
+from ..calibration.statistics import CrossMoments, LinearStatistics, collect_block_statistics
 from ..calibration.walker import BlockStream, walk_blocks
 from ..configs import RomConfig
 from ..layers import FactorizedLinear
+from ..refinement import refine_block
 from ..structure import count_parameters, find_blocks, find_linear_sites, set_module
 
 
@@ -54,15 +55,23 @@ def run_rom(
     for site in find_linear_sites(model, config.target_modules):
         if site.name in plan.ranks:
             by_block.setdefault(site.block, {})[site.name] = plan.ranks[site.name]
+    reference = config.target == "dense"
     with torch.no_grad():
-        for step in walk_blocks(model, input_ids, desc="ROM", progress=progress, stream=stream):
+        for step in walk_blocks(
+            model, input_ids, desc="ROM", progress=progress, stream=stream, reference=reference
+        ):
             ranks = by_block.get(step.index)
             if not ranks:
                 continue
             linears = {name: model.get_submodule(name) for name in ranks}
-            stats = collect_block_statistics(step, linears)
+            targets = None
+            if config.refine_epochs:  # what the dense block makes of the inputs it will see
+                targets = step.reference_outputs if reference else step.forward()
+            stats = collect_block_statistics(step, linears, paired=reference)
             for name, rank in ranks.items():
                 set_module(model, name, rom_factorize(linears[name], stats[name], rank, config.center))
+            if targets is not None:
+                refine_block(step, targets, config.refine_epochs, seed=config.seed)
     return plan
 
 
@@ -79,40 +88,76 @@ def check_calibration_size(config: RomConfig, plan: RankPlan, input_ids: torch.T
 
 
 def rom_factorize(
-    linear: nn.Linear, stats: LinearStatistics, rank: int, center: bool = True
+    linear: nn.Linear, stats: LinearStatistics, rank: int, center: bool = True, ridge: float = 1e-3
 ) -> FactorizedLinear:
-    """Replace one linear by its rank-``rank`` ROM factorization."""
+    """Replace one linear by its rank-``rank`` ROM factorization.
+
+    With paired statistics (error-correcting targets) the factorization instead fits the dense
+    model's outputs ``W z + b`` from the compressed model's inputs ``x`` (see corrected_factors).
+    """
     weight = linear.weight.detach().double()
-    basis = principal_output_basis(weight, stats, rank, center)
-    down = basis.T @ weight
     bias = None if linear.bias is None else linear.bias.detach().double()
-    if center:
-        mean = stats.output_mean(weight)
-        correction = mean - basis @ (basis.T @ mean)
-        bias = correction if bias is None else bias + correction
+    if stats.site == "paired":
+        down, up, bias = corrected_factors(weight, bias, stats.moments, rank, ridge)
+    else:
+        up = principal_output_basis(weight, stats, rank, center)
+        down = up.T @ weight
+        if center:
+            mean = stats.output_mean(weight)
+            correction = mean - up @ (up.T @ mean)
+            bias = correction if bias is None else bias + correction
     dtype = linear.weight.dtype
     return FactorizedLinear.from_factors(
-        down.to(dtype), basis.to(dtype), None if bias is None else bias.to(dtype)
+        down.to(dtype), up.to(dtype), None if bias is None else bias.to(dtype)
     )
 
 
 def principal_output_basis(
     weight: torch.Tensor, stats: LinearStatistics, rank: int, center: bool
 ) -> torch.Tensor:
-    """Top-``rank`` eigenvectors (out x rank, float64) of the covariance of ``W x``."""
+    """Top-``rank`` eigenvectors (out x rank, float64) of the covariance of ``W x``.
+
+    ``Cov(W x) = F F^T`` with ``F = W L`` and ``Cov(x) = L L^T``, so they are the top left
+    singular vectors of the thin ``F``; an output-side measurement gives the covariance directly.
+    """
     if stats.site == "output":
         return top_eigenvectors(stats.second_moment(center), rank)
-    out_features, in_features = weight.shape
-    if out_features <= in_features:
-        return top_eigenvectors(weight @ stats.second_moment(center) @ weight.T, rank)
-    # Wide output (gate/up): Cov(Wx) = M M^T with M = W L and Cov(x) = L L^T. Its top eigenvectors
-    # are M u / sqrt(lambda) for the top eigenpairs of the small in x in matrix M^T M.
-    thin = weight @ stats.input_root(center)
-    values, vectors = torch.linalg.eigh(thin.T @ thin)
+    return top_left_singular_vectors(weight @ stats.input_root(center), rank)
+
+
+def corrected_factors(
+    weight: torch.Tensor, bias: torch.Tensor | None, moments: CrossMoments, rank: int, ridge: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` factors that best predict the dense outputs ``W z + b`` from the inputs ``x``.
+
+    Reduced-rank regression: the least-squares map ``W* = W C_zx C_xx^-1`` restricted to the
+    top principal directions ``U`` of its fitted outputs, i.e. of ``F = W C_zx L^-T`` with
+    ``C_xx = L L^T`` (a small ridge keeps rarely-excited input directions from blowing up).
+    When ``x = z`` (no error upstream) this is exactly the plain ROM factorization.
+    """
+    covariance = moments.covariance()
+    scale = ridge * covariance.diagonal().mean()
+    lower = torch.linalg.cholesky(covariance + scale * torch.eye(len(covariance), dtype=covariance.dtype))
+    whitened_cross = torch.linalg.solve_triangular(
+        lower, moments.cross_covariance(), upper=False
+    )  # L^-1 C_xz
+    fitted = weight @ whitened_cross.T  # W C_zx L^-T
+    up = top_left_singular_vectors(fitted, rank)
+    down = torch.linalg.solve_triangular(lower, up.T @ fitted, upper=False, left=False)  # U^T W*
+    target_mean = weight @ moments.paired_mean + (0 if bias is None else bias)
+    return down, up, target_mean - up @ (down @ moments.mean)
+
+
+def top_left_singular_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """The top-``rank`` left singular vectors of ``matrix``, from the eigenpairs of its smaller Gram matrix."""
+    rows, columns = matrix.shape
+    if rows <= columns:
+        return top_eigenvectors(matrix @ matrix.T, rank)
+    values, vectors = torch.linalg.eigh(matrix.T @ matrix)
     values, vectors = values[-rank:].flip(-1), vectors[:, -rank:].flip(-1)
-    if values[-1] <= 1e-10 * values[0]:  # rank-deficient features: the SVD stays orthonormal
-        return torch.linalg.svd(thin, full_matrices=False)[0][:, :rank]
-    return (thin @ vectors) / values.sqrt()
+    if values[-1] <= 1e-10 * values[0]:  # rank-deficient: the SVD keeps the basis orthonormal
+        return torch.linalg.svd(matrix, full_matrices=False)[0][:, :rank]
+    return (matrix @ vectors) / values.sqrt()
 
 
 def top_eigenvectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:

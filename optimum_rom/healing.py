@@ -1,0 +1,116 @@
+"""Healing: a short, time-budgeted LoRA fine-tune of a compressed model, merged back.
+
+LoRA adapters (PEFT) go on every linear inside the decoder blocks, and for factorized layers on
+the two factors themselves (``q_proj.down``, ``q_proj.up``), so merging them back leaves every
+matrix exactly the size it was: the model keeps its parameter count. The loss is the language
+modelling loss on the user's text, or (``distill``) the KL divergence to the dense model's
+next-token distribution, which carries more signal per token.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from tqdm.auto import tqdm
+
+from .structure import find_blocks
+
+
+@dataclass
+class HealingReport:
+    steps: int
+    tokens: int
+    seconds: float
+    first_loss: float
+    last_loss: float  # mean over the last tenth of the steps
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def block_linear_names(model: nn.Module) -> list[str]:
+    """Every ``nn.Linear`` inside the decoder blocks, factors of factorized layers included."""
+    blocks_name, blocks = find_blocks(model)
+    return [
+        f"{blocks_name}.{index}.{name}"
+        for index, block in enumerate(blocks)
+        for name, module in block.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+
+
+def heal(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    minutes: float,
+    teacher: nn.Module | None = None,
+    lora_rank: int = 16,
+    lr: float = 2e-4,
+    batch_size: int = 4,
+    temperature: float = 1.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> HealingReport:
+    """Fine-tune ``model`` in place for about ``minutes`` on windows of ``input_ids`` (samples, seq_len).
+
+    With a ``teacher`` (the dense model) the loss is the distillation KL, otherwise next-token
+    cross-entropy. The adapters are merged before returning, so the model's sizes are unchanged.
+    """
+    if minutes <= 0:
+        raise ValueError(f"minutes must be positive, got {minutes}")
+    targets = block_linear_names(model)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=targets)
+    )
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    budget = minutes * 60
+    started = time.perf_counter()
+    losses: list[float] = []
+    bar = tqdm(total=round(budget), desc="healing", unit="s", disable=not progress)
+    peft_model.train()
+    try:
+        while time.perf_counter() - started < budget:
+            rows = torch.randint(0, input_ids.shape[0], (batch_size,), generator=generator)
+            batch = input_ids[rows]
+            loss = _loss(peft_model, teacher, batch, temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            losses.append(loss.item())
+            elapsed = time.perf_counter() - started
+            bar.update(min(round(elapsed), bar.total) - bar.n)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", steps=len(losses))
+    finally:
+        bar.close()
+        peft_model.eval()
+    peft_model.merge_and_unload()
+    tail = losses[-max(1, len(losses) // 10) :]
+    return HealingReport(
+        steps=len(losses),
+        tokens=len(losses) * batch_size * input_ids.shape[1],
+        seconds=time.perf_counter() - started,
+        first_loss=losses[0] if losses else math.nan,
+        last_loss=sum(tail) / len(tail) if tail else math.nan,
+    )
+
+
+def _loss(
+    model: nn.Module, teacher: nn.Module | None, batch: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    if teacher is None:
+        return model(input_ids=batch, labels=batch).loss
+    logits = model(input_ids=batch).logits[:, :-1].float()
+    with torch.no_grad():
+        reference = teacher(input_ids=batch).logits[:, :-1].float()
+    student = F.log_softmax(logits / temperature, dim=-1).flatten(0, 1)
+    dense = F.log_softmax(reference / temperature, dim=-1).flatten(0, 1)
+    return F.kl_div(student, dense, log_target=True, reduction="batchmean") * temperature**2

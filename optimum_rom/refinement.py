@@ -1,0 +1,76 @@
+"""Block refinement: after the per-linear fits, tune a block's factors so the whole block
+reproduces its targets on the calibration data.
+
+Per-linear fits ignore what the non-linear parts of the block (softmax attention, the gated
+MLP) do with their errors; a few epochs of Adam on the block output, still one block in
+memory, correct much of that. Targets are the dense block's outputs: on the dense model's own
+hidden states when the walker carries a reference stream (errors of earlier blocks get
+corrected too), otherwise on the compressed model's hidden states. A held-out eighth of the
+calibration samples picks the best epoch, so refinement can only help on data it did not see.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from .calibration.walker import BlockStep, call_block
+from .layers import FactorizedLinear
+
+
+def refine_block(
+    step: BlockStep, targets: torch.Tensor, epochs: int, lr: float = 1e-4, seed: int = 0
+) -> float:
+    """Tune the FactorizedLinear parameters of ``step.block`` towards ``targets``; return the held-out
+    relative error (mean squared error over the targets' variance) of the kept parameters."""
+    parameters = [p for m in step.block.modules() if isinstance(m, FactorizedLinear) for p in m.parameters()]
+    if not parameters or epochs < 1:
+        return float("nan")
+    samples = step.inputs.shape[0]
+    held_out = max(1, samples // 8)
+    order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed))
+    train, validation = order[held_out:], order[:held_out]
+    scale = targets[validation].var().item() or 1.0
+    batch = max(1, step.batch_size // 4)  # several steps per epoch on small calibration sets
+
+    def validation_error() -> float:
+        with torch.no_grad():
+            outputs = call_block(step.block, step.inputs[validation], step.call_kwargs)
+            return F.mse_loss(outputs, targets[validation]).item() / scale
+
+    best_error, best_state = validation_error(), _snapshot(parameters)
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    trainable = [p.requires_grad for p in step.block.parameters()]
+    for p in step.block.parameters():
+        p.requires_grad_(False)
+    for p in parameters:
+        p.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            for epoch in range(epochs):
+                shuffled = train[
+                    torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + epoch))
+                ]
+                for start in range(0, len(shuffled), batch):
+                    rows = shuffled[start : start + batch]
+                    outputs = call_block(step.block, step.inputs[rows], step.call_kwargs)
+                    loss = F.mse_loss(outputs, targets[rows]) / scale
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                error = validation_error()
+                if error < best_error:
+                    best_error, best_state = error, _snapshot(parameters)
+    finally:
+        for p, flag in zip(step.block.parameters(), trainable, strict=True):
+            p.requires_grad_(flag)
+    with torch.no_grad():
+        for p, saved in zip(parameters, best_state, strict=True):
+            p.copy_(saved)
+    return best_error
+
+
+def _snapshot(parameters: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    return [copy.deepcopy(p.detach()) for p in parameters]
