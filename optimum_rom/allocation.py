@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from torch import nn
+
 from .layers import factorized_parameter_count
-from .structure import LinearSite
+from .structure import LinearSite, count_parameters, find_blocks, find_linear_sites
 
 
 class UnreachableTargetError(ValueError):
@@ -145,3 +147,20 @@ def plan_trailing(
         )
     blocks = range(num_blocks - num_trailing_blocks, num_blocks)
     return plan_uniform(sites, total_params, params_ratio, with_bias, blocks=blocks)
+
+
+def plan_model(
+    model: nn.Module,
+    params_ratio: float,
+    with_bias: bool,
+    allocation: str = "uniform",
+    target_modules: list[str] | None = None,
+    num_trailing_blocks: int | None = None,
+) -> RankPlan:
+    """Ranks for every targeted linear of ``model`` under an allocation mode (``"uniform"`` or ``"paper"``)."""
+    sites = find_linear_sites(model, target_modules)
+    total = count_parameters(model)
+    if allocation == "paper":
+        num_blocks = len(find_blocks(model)[1])
+        return plan_trailing(sites, total, params_ratio, with_bias, num_blocks, num_trailing_blocks)
+    return plan_uniform(sites, total, params_ratio, with_bias)

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..allocation import RankPlan
-from ..configs import LowRankConfig, RomConfig
+from ..configs import LowRankConfig, RomConfig, SvdConfig
 from .rom import plan_rom, run_rom
+from .svd import plan_svd, run_svd
 
 
 @dataclass(frozen=True)
@@ -18,10 +19,12 @@ class CompressionPass:
 
     plan: Callable[[nn.Module, LowRankConfig], RankPlan]
     run: Callable[..., RankPlan]
+    needs_calibration: bool = True
 
 
 PASSES: dict[type[LowRankConfig], CompressionPass] = {
     RomConfig: CompressionPass(plan_rom, run_rom),
+    SvdConfig: CompressionPass(plan_svd, run_svd, needs_calibration=False),
 }
 
 
