@@ -133,7 +133,7 @@ def test_evaluate_every_task_writes_one_json_report(model_dir, calibration_file,
     tasks = "wikitext2,boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,gsm8k,gsm8k_loss,humaneval"
     result = optimum_cli(
         "rom", "evaluate", "--model", model_dir("llama"), "--task", tasks, "--data-dir", data_dir,
-        "--limit", 2, "--num-fewshot", 1, "--seq-len", 32, "--max-windows", 2,
+        "--limit", 2, "--num-fewshot", 1, "--max-new-tokens", 16, "--seq-len", 32, "--max-windows", 2,
         "--output-json", tmp_path / "out" / "eval.json",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -31,6 +31,7 @@ class EvaluationOptions:
     seq_len: int = 512  # WikiText-2 window
     max_windows: int | None = None  # WikiText-2 windows scored (None: all)
     num_fewshot: int = 5  # GSM8K exemplars
+    max_new_tokens: int | None = None  # generation cap of GSM8K / HumanEval (None: 256 / 384)
     batch_size: int = 16
     progress: bool = True
 
@@ -39,6 +40,9 @@ class EvaluationOptions:
             raise ValueError(f"limit must be a positive number of items, got {self.limit}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+
+    def generation_cap(self) -> dict[str, int]:
+        return {} if self.max_new_tokens is None else {"max_new_tokens": self.max_new_tokens}
 
 
 @dataclass
@@ -89,6 +93,7 @@ def _gsm8k(context: EvaluationContext, test: Path, train: Path) -> dict[str, Any
         num_fewshot=options.num_fewshot,
         batch_size=min(options.batch_size, 8),
         progress=options.progress,
+        **options.generation_cap(),
     )
 
 
@@ -107,6 +112,7 @@ def _humaneval(context: EvaluationContext, problems: Path) -> dict[str, Any]:
         limit=options.limit,
         batch_size=min(options.batch_size, 8),
         progress=options.progress,
+        **options.generation_cap(),
     )
 
 

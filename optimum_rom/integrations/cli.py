@@ -89,6 +89,7 @@ def evaluate(args: Namespace) -> None:
         seq_len=args.seq_len,
         max_windows=args.max_windows,
         num_fewshot=args.num_fewshot,
+        max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
     )
     started = time.perf_counter()

@@ -91,6 +91,12 @@ try:
             )
             parser.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
             parser.add_argument("--num-fewshot", type=int, default=5, help="GSM8K exemplars")
+            parser.add_argument(
+                "--max-new-tokens",
+                type=int,
+                default=None,
+                help="generation cap for gsm8k / humaneval (default 256 / 384)",
+            )
             parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
             parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
             parser.add_argument(
