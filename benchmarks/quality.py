@@ -56,6 +56,11 @@ METHODS: dict[str, Callable[..., LowRankConfig]] = {
 }
 DEFAULT_TASKS = ["wikitext2", *ZERO_SHOT_TASKS, "gsm8k_loss"]
 GSM8K_HELD_OUT = 500  # the held-out split the application-specific pass does not train on
+GSM8K_FILES = ("gsm8k.test.jsonl", "gsm8k.train.jsonl")  # written from the split, not linked
+STAND_INS = {
+    "arc_challenge_test.jsonl": "arc_challenge_train.jsonl",  # no ARC-Challenge test file in the shared data
+    "hellaswag_validation.jsonl": "hellaswag_validation.first200.jsonl",  # only 200 items
+}
 
 
 def build_data_dir(shared: Path, target: Path) -> Path:
@@ -63,16 +68,11 @@ def build_data_dir(shared: Path, target: Path) -> Path:
     if not shared.is_dir():
         raise FileNotFoundError(f"shared data folder not found: {shared}; pass --shared-data or --data-dir")
     target.mkdir(parents=True, exist_ok=True)
-    links = {name: name for name in [spec.files[0] for spec in TASKS.values()]}
-    links.update(
-        {
-            "arc_challenge_test.jsonl": "arc_challenge_train.jsonl",  # stand-in: no ARC-Challenge test file
-            "hellaswag_validation.jsonl": "hellaswag_validation.first200.jsonl",  # only 200 items
-        }
-    )
-    for name, source in links.items():
-        if (shared / source).is_file() and not (target / name).exists():
-            (target / name).symlink_to((shared / source).resolve())
+    needed = {name for task in TASKS.values() for name in task.files} - set(GSM8K_FILES)
+    for name in sorted(needed):
+        source = shared / STAND_INS.get(name, name)
+        if source.is_file() and not (target / name).exists():
+            (target / name).symlink_to(source.resolve())
     gsm8k = shared / "gsm8k.train.jsonl"
     if gsm8k.is_file() and not (target / "gsm8k.test.jsonl").exists():
         write_gsm8k_split(gsm8k, target)

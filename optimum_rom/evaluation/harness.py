@@ -195,8 +195,7 @@ def make_lm(model, tokenizer, batch_size: int = 16):
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
             return continuation_loglikelihoods(self, requests, disable_tqdm)
 
-    lm = ContinuationLogitsHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    return lm
+    return ContinuationLogitsHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
 def continuation_loglikelihoods(lm, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:

@@ -135,10 +135,10 @@ def parse_tasks(tasks: str | list[str]) -> list[str]:
     """Task names from a list or a comma-separated string; unknown names are one clear error."""
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     unknown = [n for n in names if n not in TASKS]
-    if unknown or not names:
-        raise ValueError(
-            f"unknown task {unknown[0]!r}; available: {', '.join(TASKS)}" if unknown else "no task"
-        )
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r}; available: {', '.join(TASKS)}")
+    if not names:
+        raise ValueError(f"no task given; available: {', '.join(TASKS)}")
     return list(dict.fromkeys(names))
 
 
@@ -147,6 +147,8 @@ def task_files(
 ) -> dict[str, list[Path]]:
     """The files each task reads; every missing one is reported at once, before any work."""
     overrides = overrides or {}
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise NotADirectoryError(f"--data-dir {data_dir} is not a directory")
     files, missing = {}, []
     for name in tasks:
         paths = []
@@ -163,8 +165,6 @@ def task_files(
             if not path.is_file():
                 missing.append(f"{path} (task {name})")
         files[name] = paths
-    if data_dir is not None and not Path(data_dir).is_dir():
-        raise NotADirectoryError(f"--data-dir {data_dir} is not a directory")
     if missing:
         raise FileNotFoundError(
             "evaluation data not found: " + "; ".join(missing) + ". --data-dir must hold these files"
