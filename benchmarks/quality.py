@@ -112,6 +112,9 @@ class ResultStore:
     def run(self, key: str) -> dict[str, Any]:
         return self.data["runs"].setdefault(key, {"tasks": {}})
 
+    def done(self, key: str, task: str) -> bool:
+        return task in self.data["runs"].get(key, {}).get("tasks", {})
+
     def save(self) -> None:
         partial = self.path.with_name(f".{self.path.name}.partial")
         partial.write_text(json.dumps(self.data, indent=2) + "\n")
@@ -159,7 +162,7 @@ def run_benchmark(args) -> ResultStore:
         (method, ratio, task)
         for method, ratio in rows
         for task in args.tasks
-        if task not in store.run(model_key(method, ratio))["tasks"]
+        if not store.done(model_key(method, ratio), task)
     ]
     print(f"{len(pending)} evaluations to run ({len(rows) * len(args.tasks) - len(pending)} already done)")
     loaded: tuple[str, Any, Any] | None = None
