@@ -187,6 +187,9 @@ def write_reports(store: ResultStore, args) -> None:
     plot(store.data, args.output / "quality.png")
 
 
+DECIMALS = {"WikiText-2 ppl": 2, "GSM8K answer loss": 3}  # the rest: accuracies in %, 1 decimal
+
+
 def _headline(run: dict[str, Any]) -> dict[str, float]:
     """The metrics of one row that the table and plot show."""
     tasks = run["tasks"]
@@ -217,6 +220,11 @@ def markdown_tables(data: dict[str, Any]) -> str:
     for _, _, run in rows:
         columns += [c for c in _headline(run) if c not in columns]
     settings = data["settings"]
+    dense_parameters = next(
+        run["parameters"] if method == DENSE else run["compression"]["params_before"]
+        for method, _, run in rows
+        if method == DENSE or "compression" in run
+    )
     lines = [
         f"Model: {settings['model']}; zero-shot: first {settings['limit']} items per task (acc, %); "
         f"WikiText-2: {settings['max_windows']} windows of {settings['seq_len']} tokens.",
@@ -226,8 +234,9 @@ def markdown_tables(data: dict[str, Any]) -> str:
     ]
     for method, ratio, run in rows:
         values = _headline(run)
-        cells = [f"{values[c]:.2f}" if c in values else "" for c in columns]
-        lines.append(f"| {method} | {ratio:g} | {run['parameters'] / 1e6:.1f}M | " + " | ".join(cells) + " |")
+        cells = [f"{values[c]:.{DECIMALS.get(c, 1)}f}" if c in values else "" for c in columns]
+        size = f"{run['parameters'] / 1e6:.1f}M ({run['parameters'] / dense_parameters:.3f})"
+        lines.append(f"| {method} | {ratio:g} | {size} | " + " | ".join(cells) + " |")
     task_names = [t for t in TASKS if any(t in run["tasks"] for _, _, run in rows)]
     lines += [
         "",
