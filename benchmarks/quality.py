@@ -30,7 +30,8 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,31 @@ class ResultStore:
         partial = self.path.with_name(f".{self.path.name}.partial")
         partial.write_text(json.dumps(self.data, indent=2) + "\n")
         os.replace(partial, self.path)
+
+
+@contextmanager
+def exclusive(output: Path) -> Iterator[None]:
+    """One benchmark per output folder: two would overwrite each other's ``results.json``."""
+    lock = output / ".lock"
+    if lock.is_file() and _is_running(int(lock.read_text() or 0)):
+        raise RuntimeError(
+            f"another benchmark (pid {lock.read_text()}) is writing to {output}; wait for it or stop it"
+        )
+    lock.write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
 
 
 def model_key(method: str, ratio: float) -> str:
@@ -347,7 +373,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.data_dir is None:
         args.data_dir = build_data_dir(args.shared_data, args.output / "data")
     started = time.perf_counter()
-    run_benchmark(args)
+    args.output.mkdir(parents=True, exist_ok=True)
+    with exclusive(args.output):
+        run_benchmark(args)
     print(markdown_tables(json.loads((args.output / "results.json").read_text())))
     print(f"done in {time.perf_counter() - started:.0f} s; results in {args.output}", file=sys.stderr)
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,9 @@ def test_benchmark_writes_results_table_and_plot_and_resumes(
     assert "0 evaluations to run (6 already done)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="other settings"):
         quality.main([*argv, "--limit", "3"])
+    (tmp_path / "out" / ".lock").write_text(str(os.getpid()))  # a live process holds the folder
+    with pytest.raises(RuntimeError, match="another benchmark"):
+        quality.main(argv)
 
 
 def test_methods_are_a_table_of_config_factories(quality):
