@@ -299,12 +299,11 @@ def plot(data: dict[str, Any], path: Path) -> None:
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for axis, panel in zip(axes[0], panels, strict=True):
         for method in METHODS:
-            points = [(1.0, dense[panel])] if panel in dense else []
-            points += [
+            points = [
                 (r, _headline(run)[panel]) for m, r, run in rows if m == method and panel in _headline(run)
             ]
-            if points:
-                xs, ys = zip(*sorted(points), strict=True)
+            if points:  # each line starts at the dense model
+                xs, ys = zip(*sorted(points + ([(1.0, dense[panel])] if panel in dense else [])), strict=True)
                 axis.plot(xs, ys, marker="o", label=method)
         if panel == "WikiText-2 ppl":
             axis.set_yscale("log")
