@@ -216,6 +216,10 @@ def write_reports(store: ResultStore, args) -> None:
 DECIMALS = {"WikiText-2 ppl": 2, "GSM8K answer loss": 3}  # the rest: accuracies in %, 1 decimal
 
 
+def _format(column: str, value: float) -> str:
+    return f"{value:.3g}" if value >= 1e5 else f"{value:.{DECIMALS.get(column, 1)}f}"
+
+
 def _headline(run: dict[str, Any]) -> dict[str, float]:
     """The metrics of one row that the table and plot show."""
     tasks = run["tasks"]
@@ -260,7 +264,7 @@ def markdown_tables(data: dict[str, Any]) -> str:
     ]
     for method, ratio, run in rows:
         values = _headline(run)
-        cells = [f"{values[c]:.{DECIMALS.get(c, 1)}f}" if c in values else "" for c in columns]
+        cells = [_format(c, values[c]) if c in values else "" for c in columns]
         size = f"{run['parameters'] / 1e6:.1f}M ({run['parameters'] / dense_parameters:.3f})"
         lines.append(f"| {method} | {ratio:g} | {size} | " + " | ".join(cells) + " |")
     task_names = [t for t in TASKS if any(t in run["tasks"] for _, _, run in rows)]
