@@ -61,3 +61,18 @@ def test_the_cli_compresses_straight_from_the_gguf_file(tmp_path):
     config = json.loads((tmp_path / "rom" / "config.json").read_text())
     modules = config["quantization_config"]["modules"]
     assert modules and all(int(name.split(".")[2]) >= 15 for name in modules)  # trailing blocks only
+
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "arc_easy_test.jsonl").exists(), reason="needs ../shared/data")
+def test_smollm2_zero_shot_through_the_harness_is_above_chance():
+    from optimum_rom import load_model
+    from optimum_rom.evaluation import EvaluationOptions, evaluate
+
+    model, tokenizer = load_model(DEFAULT_MODEL)
+    options = EvaluationOptions(limit=24, progress=False)
+    arc = evaluate(model, tokenizer, ["arc_easy"], SHARED_DATA, options)["tasks"]["arc_easy"]
+    assert arc["items"] == 24
+    assert arc["acc"] > 0.45 and arc["acc_norm"] > 0.35  # chance: 0.25; measured 0.58 and 0.42

@@ -4,7 +4,7 @@ Importing the package registers it with transformers (``AutoModelForCausalLM.fro
 loads factorized checkpoints) and with PEFT (LoRA on factorized layers).
 """
 
-from .configs import LowRankConfig, RomConfig
+from .configs import LowRankConfig, RomConfig, SvdConfig
 from .integrations.peft import LoraFactorizedLinear, install_peft_dispatch
 from .integrations.transformers import LowRankHfQuantizer, is_factorized, register_with_transformers
 from .layers import FactorizedLinear
@@ -13,7 +13,7 @@ from .optimizer import CompressionReport, LowRankOptimizer
 
 __version__ = "0.1.0"
 
-register_with_transformers({"rom": RomConfig})
+register_with_transformers({"rom": RomConfig, "svd": SvdConfig})
 install_peft_dispatch()
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "LowRankHfQuantizer",
     "LowRankOptimizer",
     "RomConfig",
+    "SvdConfig",
     "is_factorized",
     "load_model",
 ]

@@ -13,9 +13,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .layers import factorized_parameter_count
-from .structure import LinearSite
+from .structure import LinearSite, count_parameters, find_blocks, find_linear_sites
 
 
 class UnreachableTargetError(ValueError):
@@ -211,3 +212,20 @@ def plan_by_damage(
             offer(site)
     factorized = {name: rank for name, rank in ranks.items() if name not in dense}
     return RankPlan(factorized, total_params, kept, 0.0, sorted({s.block for s in sites}))
+
+
+def plan_model(
+    model: nn.Module,
+    params_ratio: float,
+    with_bias: bool,
+    allocation: str = "uniform",
+    target_modules: list[str] | None = None,
+    num_trailing_blocks: int | None = None,
+) -> RankPlan:
+    """Ranks for every targeted linear of ``model`` under an allocation mode (``"uniform"`` or ``"paper"``)."""
+    sites = find_linear_sites(model, target_modules)
+    total = count_parameters(model)
+    if allocation == "paper":
+        num_blocks = len(find_blocks(model)[1])
+        return plan_trailing(sites, total, params_ratio, with_bias, num_blocks, num_trailing_blocks)
+    return plan_uniform(sites, total, params_ratio, with_bias)

@@ -127,18 +127,22 @@ class LowRankOptimizer(OptimumQuantizer):
                 raise ValueError(
                     "saving needs a tokenizer: pass tokenizer= to LowRankOptimizer.from_pretrained"
                 )
-        if calibration is None:
+        if not compression_pass.needs_calibration:
+            calibration = None  # data-free pass (e.g. SVD): nothing to read
+        elif calibration is None:
             raise ValueError(
                 "calibration data is required: a text or jsonl file, a list of strings, or token ids"
             )
-        if self.tokenizer is None and not isinstance(calibration, torch.Tensor):
+        elif self.tokenizer is None and not isinstance(calibration, torch.Tensor):
             raise ValueError(
                 "text calibration needs a tokenizer: pass tokenizer= to LowRankOptimizer.from_pretrained"
             )
-        input_ids = load_calibration(
-            calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed, text_field
-        )
-        config.calibration = describe_source(calibration)
+        input_ids = None
+        if calibration is not None:
+            input_ids = load_calibration(
+                calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed, text_field
+            )
+        config.calibration = None if calibration is None else describe_source(calibration)
         streamed = save_dir is not None and self._model is None and compression_pass.streams
         source = LazyCheckpoint(self.source) if streamed else None
         model = source.model if streamed else self.model

@@ -1,5 +1,6 @@
 """`optimum-cli rom ...` end to end, run as a user would (subprocesses)."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -97,3 +98,77 @@ def test_registering_the_commands_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["1", "False"], result.stderr
     assert "rom" in optimum_cli("--help").stdout
+
+
+def write_data_dir(directory: Path, calibration_file: Path) -> Path:
+    """Two items of every task, in the formats of the shared data folder."""
+    directory.mkdir()
+    arc = {"question": "Which is a colour?", "answerKey": "A",
+           "choices": [{"label": "A", "text": "red"}, {"label": "B", "text": "table"}]}  # fmt: skip
+    rows = {
+        "boolq_validation.jsonl": {"question": "is it", "passage": "It is.", "idx": 0, "title": "t", "label": True},
+        "piqa_validation.jsonl": {"goal": "Open a jar", "sol1": "twist", "sol2": "eat", "label": 0},
+        "hellaswag_validation.jsonl": {"activity_label": "Cooking", "ctx": "A man cuts onions. he",
+                                       "endings": ["cries.", "flies.", "sings.", "swims."], "label": 0},
+        "winogrande_xl_validation.jsonl": {"sentence": "The cup fell because _ was slippery.", "option1": "the cup",
+                                           "option2": "the table", "answer": "1"},
+        "arc_easy_test.jsonl": arc,
+        "arc_challenge_test.jsonl": arc,
+        "openbookqa_test.jsonl": {**{k: v for k, v in arc.items() if k != "question"}, "question_stem": "Plants"},
+        "gsm8k.test.jsonl": {"question": "1+1?", "answer": "1+1=2\n#### 2"},
+        "gsm8k.train.jsonl": {"question": "2+2?", "answer": "2+2=4\n#### 4"},
+        "HumanEval.jsonl": {"task_id": "t/0", "prompt": "def f(x):\n", "entry_point": "f",
+                            "test": "def check(c):\n    assert c(1) == 1\n"},
+    }  # fmt: skip
+    for name, row in rows.items():
+        (directory / name).write_text((json.dumps(row) + "\n") * 2)
+    with gzip.open(directory / "HumanEval.jsonl.gz", "wt") as handle:
+        handle.write((directory / "HumanEval.jsonl").read_text())
+    (directory / "wiki.test.raw").write_text(calibration_file.read_text())
+    return directory
+
+
+def test_evaluate_every_task_writes_one_json_report(model_dir, calibration_file, tmp_path):
+    data_dir = write_data_dir(tmp_path / "data", calibration_file)
+    tasks = "wikitext2,boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,gsm8k,gsm8k_loss,humaneval"
+    result = optimum_cli(
+        "rom", "evaluate", "--model", model_dir("llama"), "--task", tasks, "--data-dir", data_dir,
+        "--limit", 2, "--num-fewshot", 1, "--max-new-tokens", 16, "--seq-len", 32, "--max-windows", 2,
+        "--output-json", tmp_path / "out" / "eval.json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert set(report) >= {"model", "parameters", "config", "tasks", "summary", "seconds"}
+    assert list(report["tasks"]) == tasks.split(",")
+    assert report["config"]["limit"] == 2 and report["config"]["quantization_config"] is None
+    for name, metrics in report["tasks"].items():
+        assert metrics["seconds"] > 0, name
+    for name in ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"):
+        assert report["tasks"][name]["items"] == 2 and 0 <= report["tasks"][name]["acc"] <= 1
+    assert report["tasks"]["gsm8k"]["items"] == 2 and report["tasks"]["humaneval"]["items"] == 2
+    assert report["tasks"]["gsm8k_loss"]["examples"] == 2 and report["tasks"]["wikitext2"]["windows"] == 2
+    assert report["summary"]["zero_shot_tasks"] == 7
+    for name in ("wikitext2", "arc_challenge", "gsm8k", "humaneval", "zero-shot"):
+        assert name in result.stdout
+
+
+def test_evaluate_names_every_missing_data_file_before_loading_the_model(tmp_path):
+    (tmp_path / "data").mkdir()
+    result = optimum_cli(
+        "rom", "evaluate", "--model", tmp_path / "no-model", "--task", "boolq,gsm8k", "--data-dir", tmp_path / "data"
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    for name in ("boolq_validation.jsonl", "gsm8k.test.jsonl", "gsm8k.train.jsonl"):
+        assert name in result.stderr
+    result = optimum_cli("rom", "evaluate", "--model", tmp_path, "--task", "piqa")
+    assert result.returncode == 2 and "--data-dir" in result.stderr
+
+
+def test_compress_with_the_svd_baseline_needs_no_calibration(model_dir, tmp_path):
+    result = optimum_cli(
+        "rom", "compress", "--model", model_dir("llama"), "--method", "svd", "--params-ratio", 0.8,
+        "--output", tmp_path / "svd",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "svd" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "svd" and config["calibration"] is None

@@ -2,5 +2,6 @@
 
 from .base import LowRankConfig
 from .rom import RomConfig
+from .svd import SvdConfig
 
-__all__ = ["LowRankConfig", "RomConfig"]
+__all__ = ["LowRankConfig", "RomConfig", "SvdConfig"]

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from argparse import Namespace
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 
@@ -42,10 +43,11 @@ def default_calibration_file() -> Path:
 
 
 def compress(args: Namespace) -> None:
-    from ..configs import RomConfig
+    from ..configs import RomConfig, SvdConfig
     from ..optimizer import LowRankOptimizer
 
-    config = RomConfig(
+    config_class = {"rom": RomConfig, "svd": SvdConfig}[args.method]
+    config = config_class(
         params_ratio=args.params_ratio,
         allocation=args.allocation,
         num_trailing_blocks=args.num_trailing_blocks,
@@ -72,27 +74,54 @@ def compress(args: Namespace) -> None:
 
 
 def evaluate(args: Namespace) -> None:
-    from ..evaluation import text_perplexity
+    from ..evaluation.suite import EvaluationOptions, format_table, parse_tasks, task_files
+    from ..evaluation.suite import evaluate as run_tasks
     from ..model_sources import load_model
     from ..structure import count_parameters
 
-    if args.task != "wikitext2":
-        raise ValueError(f"unknown task {args.task!r}; available: wikitext2")
-    data = Path(args.data)
-    if not data.is_file():
-        raise FileNotFoundError(f"--data file not found: {data}")
+    tasks = parse_tasks(args.task)
+    files = {"wiki.test.raw": Path(args.data)} if args.data else {}
+    if args.data and not Path(args.data).is_file():
+        raise FileNotFoundError(f"--data file not found: {args.data}")
+    task_files(tasks, args.data_dir, files)  # every missing file is reported before the model loads
+    options = EvaluationOptions(
+        limit=args.limit,
+        seq_len=args.seq_len,
+        max_windows=args.max_windows,
+        num_fewshot=args.num_fewshot,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
     started = time.perf_counter()
     model, tokenizer = load_model(args.model)
-    result = text_perplexity(model, tokenizer, data, seq_len=args.seq_len, max_windows=args.max_windows)
+    load_seconds = time.perf_counter() - started
+    results = run_tasks(model, tokenizer, tasks, args.data_dir, options, files)
+    quantization = getattr(model.config, "quantization_config", None)
     report = {
         "model": str(args.model),
         "parameters": count_parameters(model),
-        "tasks": {"wikitext2": result.to_dict()},
+        "config": {
+            "tasks": tasks,
+            "data_dir": args.data_dir,
+            "data": args.data,
+            **asdict(options),
+            "quantization_config": quantization.to_dict()
+            if hasattr(quantization, "to_dict")
+            else quantization,
+        },
+        **results,
+        "load_seconds": load_seconds,
         "seconds": time.perf_counter() - started,
     }
-    print(f"{'task':<12}{'metric':<12}{'value':>10}")
-    print(f"{'wikitext2':<12}{'perplexity':<12}{result.perplexity:>10.3f}")
-    print(json.dumps(report, indent=2))
+    print(format_table(results["tasks"], results["summary"]))
     if args.output_json:
-        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(Path(args.output_json), report)
+        print(f"results written to {args.output_json}")
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` so that the file is either complete or absent (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(partial, path)

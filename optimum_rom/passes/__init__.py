@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from ..allocation import RankPlan
-from ..configs import LowRankConfig, RomConfig
+from ..configs import LowRankConfig, RomConfig, SvdConfig
 from .rom import check_calibration_size, plan_rom, run_rom
+from .svd import plan_svd, run_svd
 
 
-def _no_check(config: LowRankConfig, plan: RankPlan, input_ids: torch.Tensor) -> None:
+def _no_check(config: LowRankConfig, plan: RankPlan, input_ids: torch.Tensor | None) -> None:
     return None
 
 
@@ -28,12 +29,14 @@ class CompressionPass:
 
     plan: Callable[[nn.Module, LowRankConfig], RankPlan]
     run: Callable[..., RankPlan]
-    check: Callable[[LowRankConfig, RankPlan, torch.Tensor], None] = _no_check
+    check: Callable[[LowRankConfig, RankPlan, torch.Tensor | None], None] = _no_check
     streams: bool = False
+    needs_calibration: bool = True
 
 
 PASSES: dict[type[LowRankConfig], CompressionPass] = {
     RomConfig: CompressionPass(plan_rom, run_rom, check_calibration_size, streams=True),
+    SvdConfig: CompressionPass(plan_svd, run_svd, needs_calibration=False),
 }
 
 

@@ -17,25 +17,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..allocation import RankPlan, plan_trailing, plan_uniform
+from ..allocation import RankPlan, plan_model
 from ..calibration.statistics import CrossMoments, LinearStatistics, collect_block_statistics
 from ..calibration.walker import BlockStream, walk_blocks
 from ..configs import RomConfig
 from ..layers import FactorizedLinear
 from ..refinement import refine_block
-from ..structure import count_parameters, find_blocks, find_linear_sites, set_module
+from ..structure import find_linear_sites, set_module
 
 
 def plan_rom(model: nn.Module, config: RomConfig) -> RankPlan:
     """Ranks for every linear, from the config's size target and allocation mode (no calibration needed)."""
-    sites = find_linear_sites(model, config.target_modules)
-    total = count_parameters(model)
-    if config.allocation == "paper":
-        num_blocks = len(find_blocks(model)[1])
-        return plan_trailing(
-            sites, total, config.params_ratio, config.center, num_blocks, config.num_trailing_blocks
-        )
-    return plan_uniform(sites, total, config.params_ratio, config.center)
+    return plan_model(
+        model,
+        config.params_ratio,
+        config.center,
+        config.allocation,
+        config.target_modules,
+        config.num_trailing_blocks,
+    )
 
 
 def run_rom(

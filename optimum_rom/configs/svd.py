@@ -1,0 +1,30 @@
+"""Configuration of the plain-SVD pass: the naive, data-free low-rank baseline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import LowRankConfig
+from .rom import ALLOCATIONS
+
+
+@dataclass
+class SvdConfig(LowRankConfig):
+    """Truncated SVD of each weight, ``W ~= U_r U_r^T W``: no calibration data, no bias correction.
+
+    It is the baseline the papers compare against: the best rank-``r`` approximation of the
+    weight itself, blind to which directions the layer's inputs actually use. Ranks come from
+    the same allocation as ROM, so at equal ``params_ratio`` the two differ only in the basis.
+
+    Args:
+        allocation / num_trailing_blocks: as in :class:`RomConfig`.
+    """
+
+    allocation: str = "uniform"
+    num_trailing_blocks: int | None = None
+    quant_method: str = "svd"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
