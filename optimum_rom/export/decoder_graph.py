@@ -73,10 +73,14 @@ def _check_linear(module: nn.Module, where: str) -> None:
         )
 
 
-def build_decoder_graph(model: nn.Module, progress: bool = True) -> onnx.ModelProto:
-    """The fused ONNX graph (fp32) of a supported causal LM; see :func:`check_supported`."""
+def build_decoder_graph(model: nn.Module, progress: bool = True, gemm_bias: bool = True) -> onnx.ModelProto:
+    """The fused ONNX graph (fp32) of a supported causal LM; see :func:`check_supported`.
+
+    ``gemm_bias=False`` writes linears with a bias as ``MatMul`` + ``Add`` instead of one ``Gemm``
+    (for quantizers that only know MatMul, such as onnxruntime's dynamic int8).
+    """
     check_supported(model)
-    builder = _GraphBuilder(model)
+    builder = _GraphBuilder(model, gemm_bias)
     with torch.no_grad():
         return builder.build(progress)
 
@@ -91,13 +95,15 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 class _GraphBuilder:
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, gemm_bias: bool) -> None:
         self.model = model
+        self.gemm_bias = gemm_bias
         self.config = model.config
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.name_counts: Counter[str] = Counter()
         self.value_types: dict[str, int] = {}
+        self.constant_names: set[str] = set()
         attention = model.model.layers[0].self_attn
         self.head_dim = attention.head_dim
         self.num_heads = self.config.num_attention_heads
@@ -105,7 +111,10 @@ class _GraphBuilder:
 
     # -- graph primitives -------------------------------------------------------------------
     def constant(self, name: str, value: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.array(value, order="C"), name))
+        """An initializer (a name is created once; later calls with the same name reuse it)."""
+        if name not in self.constant_names:
+            self.constant_names.add(name)
+            self.initializers.append(numpy_helper.from_array(np.array(value, order="C"), name))
         return name
 
     def node(
@@ -141,12 +150,14 @@ class _GraphBuilder:
         return self.matmul(x, module, name)
 
     def matmul(self, x: str, linear: nn.Linear, name: str) -> str:
-        """``x @ W^T (+ b)``; the weight is stored transposed (in x out), as the stock exporter stores it."""
+        """``x @ W^T (+ b)`` on the 2-D hidden states: ``MatMul``, or ``Gemm`` when there is a bias (one
+        kernel instead of MatMul + Add). The weight is stored in x out, as the stock exporter stores it."""
         weight = self.constant(f"{name}.weight_t", _numpy(linear.weight).T)
-        y = self.node("MatMul", [x, weight], _scope(name))
         if linear.bias is None:
-            return y
-        return self.node("Add", [y, self.constant(f"{name}.bias", _numpy(linear.bias))], _scope(name))
+            return self.node("MatMul", [x, weight], _scope(name))
+        return self.node(
+            "Gemm", [x, weight, self.constant(f"{name}.bias", _numpy(linear.bias))], _scope(name)
+        )
 
     def rms_norm(self, x: str, module: nn.Module, name: str) -> str:
         # The effective scale, read off the module itself: for an input of ones (rms 1) an RMSNorm
@@ -178,27 +189,43 @@ class _GraphBuilder:
         index_1 = self.constant("const.index_1", np.array(1))
         total = self.node("Gather", [mask_shape, index_1], scope, dtype=int64, axis=0)
         total_i32 = self.node("Cast", [total], scope, dtype=int32, to=int32)
-        index_0 = self.constant("const.indices_0", np.array([0]))
-        batch = self.node("Gather", [mask_shape, index_0], scope, dtype=int64, axis=0)
         one_i32 = self.constant("const.one_i32", np.array(1, np.int32))
-        seqlens_k = self.node(
-            "Expand", [self.node("Sub", [total_i32, one_i32], scope, dtype=int32), batch], scope, dtype=int32
-        )
+        last = self.node("Sub", [total_i32, one_i32], scope, dtype=int32)
+        seqlens_k = self.node("Expand", [last, self.batch], scope, dtype=int32)
 
         mask = self.node("Cast", ["attention_mask"], scope, to=TensorProto.FLOAT)
         masked = self.node("Sub", [mask, self.constant("const.one_f32", np.array(1, np.float32))], scope)
         float_max = self.constant("const.float_max", np.array(np.finfo(np.float32).max, np.float32))
         bias = self.node("Mul", [masked, float_max], scope)  # 0 where attended, -max where padded
         bias = self.node("Unsqueeze", [bias, self.constant("const.axes_1_2", np.array([1, 2]))], scope)
-        ids_shape = self.node("Shape", ["input_ids"], scope, dtype=int64)
-        index_1_1d = self.constant("const.indices_1", np.array([1]))
-        length = self.node("Gather", [ids_shape, index_1_1d], scope, dtype=int64, axis=0)
         total_1d = self.node(
             "Unsqueeze", [total, self.constant("const.axes_0", np.array([0]))], scope, dtype=int64
         )
         one = self.constant("const.one_1d", np.array([1]))
-        bias_shape = self.node("Concat", [batch, one, length, total_1d], scope, dtype=int64, axis=0)
+        bias_shape = self.node("Concat", [self.batch, one, self.length, total_1d], scope, dtype=int64, axis=0)
         return seqlens_k, total_i32, self.node("Expand", [bias, bias_shape], scope)
+
+    def token_shapes(self) -> None:
+        """Batch size and sequence length (1-D int64) of ``input_ids``: the hidden states are kept 2-D
+        (tokens x features, so linears with a bias are single Gemms) and reshaped to 3-D for attention."""
+        scope, int64 = "/model/token_shapes", TensorProto.INT64
+        shape = self.node("Shape", ["input_ids"], scope, dtype=int64)
+        self.batch = self.node(
+            "Gather", [shape, self.constant("const.indices_0", np.array([0]))], scope, dtype=int64, axis=0
+        )
+        self.length = self.node(
+            "Gather", [shape, self.constant("const.indices_1", np.array([1]))], scope, dtype=int64, axis=0
+        )
+        minus_one = self.constant("const.minus_one_1d", np.array([-1]))
+        self.shape_3d = self.node("Concat", [self.batch, self.length, minus_one], scope, dtype=int64, axis=0)
+
+    def to_3d(self, x: str, scope: str) -> str:
+        return self.node("Reshape", [x, self.shape_3d], scope)
+
+    def to_2d(self, x: str, width: int, scope: str) -> str:
+        return self.node(
+            "Reshape", [x, self.constant(f"const.shape_tokens_by_{width}", np.array([-1, width]))], scope
+        )
 
     def mlp_activation(self, gate: str, module: nn.Module, scope: str) -> str:
         kind = ACTIVATIONS[type(module).__name__]
@@ -211,6 +238,7 @@ class _GraphBuilder:
     def build(self, progress: bool) -> onnx.ModelProto:
         config, decoder = self.config, self.model.model
         cos_cache, sin_cache = self.rotary_caches()
+        self.token_shapes()
         seqlens_k, total_length, attention_bias = self.attention_inputs()
 
         embeddings = self.constant("model.embed_tokens.weight", _numpy(decoder.embed_tokens.weight))
@@ -219,6 +247,7 @@ class _GraphBuilder:
         if scale is not None:
             factor = self.constant("model.embed_scale", np.array(scale(config), np.float32))
             hidden = self.node("Mul", [hidden, factor], "/model/embed_tokens")
+        hidden = self.to_2d(hidden, config.hidden_size, "/model/embed_tokens")
 
         layers = tqdm(decoder.layers, desc="ONNX graph", unit="block", disable=not progress)
         for index, layer in enumerate(layers):
@@ -227,7 +256,9 @@ class _GraphBuilder:
             attention = layer.self_attn
             x = self.rms_norm(hidden, layer.input_layernorm, f"{prefix}.input_layernorm")
             q, k, v = (
-                self.linear(x, getattr(attention, n), f"{prefix}.self_attn.{n}")
+                self.to_3d(
+                    self.linear(x, getattr(attention, n), f"{prefix}.self_attn.{n}"), f"{scope}/self_attn"
+                )
                 for n in ("q_proj", "k_proj", "v_proj")
             )
             past = [f"past_key_values.{index}.key", f"past_key_values.{index}.value"]
@@ -254,6 +285,7 @@ class _GraphBuilder:
                 do_rotary=1,
                 rotary_interleaved=0,
             )[0]
+            attended = self.to_2d(attended, self.num_heads * self.head_dim, f"{scope}/self_attn")
             attended = self.linear(attended, attention.o_proj, f"{prefix}.self_attn.o_proj")
             hidden = self.node("Add", [hidden, attended], f"{scope}/residual_attention")
 
@@ -271,7 +303,8 @@ class _GraphBuilder:
             head = self.node("Transpose", [embeddings], "/lm_head", perm=[1, 0])
         else:
             head = self.constant("lm_head.weight_t", _numpy(self.model.lm_head.weight).T)
-        self.node("MatMul", [hidden, head], "/lm_head", outputs=["logits"])
+        logits = self.node("MatMul", [hidden, head], "/lm_head")
+        self.node("Reshape", [logits, self.shape_3d], "/lm_head", outputs=["logits"])
         return self._model()
 
     def _model(self) -> onnx.ModelProto:

@@ -84,7 +84,7 @@ def export_onnx(
     started = time.perf_counter()
     with atomic_directory(output, overwrite) as partial:
         if graph == "fused":
-            onnx_model = build_decoder_graph(model, progress)
+            onnx_model = build_decoder_graph(model, progress, gemm_bias=int8 != "dynamic")
         else:
             onnx_model = _stock_export(model, partial)
         if int8 == "weight-only":

@@ -26,7 +26,7 @@ def linear_weights(model: onnx.ModelProto | str | Path) -> dict[str, tuple[int, 
     weights: dict[str, tuple[int, int]] = {}
     for node in graph.node:
         shape = None
-        if node.op_type == "MatMul":
+        if node.op_type in ("MatMul", "Gemm"):
             found = constant_weight(node, initializers, producers)
             if found is not None:
                 dims = list(initializers[found[0]].dims)

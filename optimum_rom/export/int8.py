@@ -56,11 +56,11 @@ def quantize_weights_int8(model: onnx.ModelProto, progress: bool = True) -> onnx
 def constant_weight(
     node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], producers: dict[str, onnx.NodeProto]
 ) -> tuple[str, bool] | None:
-    """For a MatMul whose right operand is a constant 2-D float matrix: ``(initializer, stored_in_x_out)``.
+    """For a MatMul / Gemm multiplying by a constant 2-D float matrix: ``(initializer, stored_in_x_out)``.
 
-    The operand is either the initializer itself (in x out, as exporters store linear weights) or
-    ``Transpose`` of one (out x in; a tied lm_head reading the embedding table). Attention products
-    (both operands computed at run time) give ``None``.
+    The operand is either the initializer itself (in x out, as exporters store linear weights; out x in
+    for a ``transB`` Gemm) or ``Transpose`` of one (a tied lm_head reading the embedding table).
+    Attention products (both operands computed at run time) give ``None``.
     """
 
     def float_matrix(name: str) -> bool:
@@ -68,6 +68,15 @@ def constant_weight(
         return init is not None and init.data_type == TensorProto.FLOAT and len(init.dims) == 2
 
     right = node.input[1]
+    if node.op_type == "Gemm":
+        attributes = {a.name: (a.f if a.type == onnx.AttributeProto.FLOAT else a.i) for a in node.attribute}
+        plain = (
+            attributes.get("transA", 0) == 0
+            and attributes.get("alpha", 1.0) == attributes.get("beta", 1.0) == 1.0
+        )
+        return (right, not attributes.get("transB", 0)) if plain and float_matrix(right) else None
+    if node.op_type != "MatMul":
+        return None
     if float_matrix(right):
         return right, True
     producer = producers.get(right)
@@ -95,13 +104,13 @@ class _WeightOnlyRewriter:
 
     def run(self, progress: bool) -> None:
         nodes = list(self.graph.node)
-        candidates = [i for i, n in enumerate(nodes) if n.op_type in ("MatMul", "Gather")]
+        candidates = [i for i, n in enumerate(nodes) if n.op_type in ("MatMul", "Gemm", "Gather")]
         for index in tqdm(candidates, desc="int8 weights", unit="node", disable=not progress):
             node = nodes[index]
-            if node.op_type == "MatMul":
-                self.rewrite_matmul(index, node)
-            else:
+            if node.op_type == "Gather":
                 self.rewrite_gather(index, node)
+            else:
+                self.rewrite_linear(index, node)
         rewritten = [new for i, node in enumerate(nodes) for new in self.replacements.get(i, [node])]
         del self.graph.node[:]
         self.graph.node.extend(rewritten)
@@ -126,24 +135,30 @@ class _WeightOnlyRewriter:
             self.packed[key] = (f"{base}.int8", f"{base}.scales", weight.shape[0], weight.shape[1])
         return self.packed[key]
 
-    def rewrite_matmul(self, index: int, node: onnx.NodeProto) -> None:
+    def rewrite_linear(self, index: int, node: onnx.NodeProto) -> None:
+        """MatMul / Gemm by a constant weight -> MatMulNBits, absorbing a bias (Gemm's, or a following Add)."""
         found = constant_weight(node, self.initializers, self.producers)
         if found is None:
             return
         data, scales, rows, columns = self.pack(*found)
         inputs, output = [node.input[0], data, scales], node.output[0]
-        bias_add = self.foldable_bias(node, rows)
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
+        if bias and not self.is_bias(bias, rows):
+            return  # a Gemm whose C is not a constant vector of outputs: leave it in float
+        bias_add = None if bias else self.foldable_bias(node, rows)
         if bias_add is not None:
-            inputs += ["", "", next(i for i in bias_add.input if i != output)]  # no zero points, no g_idx
+            bias = next(i for i in bias_add.input if i != output)
             self.replacements[self.position[bias_add.output[0]]] = []
             output = bias_add.output[0]
-        scope = node.name.rsplit("/", 1)[0]
+        if bias:
+            inputs += ["", "", bias]  # no zero points, no g_idx
+        scope, op_name = node.name.rsplit("/", 1) if "/" in node.name else ("", node.name or output)
         self.replacements[index] = [
             helper.make_node(
                 "MatMulNBits",
                 inputs,
                 [output],
-                name=f"{scope}/MatMulNBits",
+                name=f"{scope}/{op_name.replace(node.op_type, 'MatMulNBits', 1)}",
                 domain=MS_DOMAIN,
                 K=columns,
                 N=rows,
@@ -160,11 +175,11 @@ class _WeightOnlyRewriter:
         if output in self.graph_outputs or len(users) != 1 or users[0].op_type != "Add":
             return None
         add = users[0]
-        other = next((i for i in add.input if i != output), "")
-        bias = self.initializers.get(other)
-        if bias is None or bias.data_type != TensorProto.FLOAT or list(bias.dims) != [rows]:
-            return None
-        return add
+        return add if self.is_bias(next((i for i in add.input if i != output), ""), rows) else None
+
+    def is_bias(self, name: str, rows: int) -> bool:
+        bias = self.initializers.get(name)
+        return bias is not None and bias.data_type == TensorProto.FLOAT and list(bias.dims) == [rows]
 
     def rewrite_gather(self, index: int, node: onnx.NodeProto) -> None:
         """An embedding lookup in a float table -> GatherBlockQuantized on the int8 table."""
@@ -175,7 +190,7 @@ class _WeightOnlyRewriter:
         if table.dims[1] % BLOCK_SIZE:
             return
         data, scales, rows, columns = self.pack(node.input[0], transposed=False)
-        scope = node.name.rsplit("/", 1)[0] if node.name else "/" + node.output[0]
+        scope = node.name or "/" + node.output[0]  # new nodes are named <gather name>/<op>: unique
         shape_3d, width = f"{scales}.shape_3d", f"{scales}.row_width"
         if shape_3d not in self.initializers:
             blocks = columns // BLOCK_SIZE

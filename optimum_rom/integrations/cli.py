@@ -26,7 +26,7 @@ USER_ERRORS = (
 
 
 def run_command(name: str, args: Namespace) -> None:
-    commands = {"compress": compress, "evaluate": evaluate}
+    commands = {"compress": compress, "evaluate": evaluate, "export": export}
     try:
         commands[name](args)
     except USER_ERRORS as error:
@@ -73,6 +73,7 @@ def compress(args: Namespace) -> None:
 
 def evaluate(args: Namespace) -> None:
     from ..evaluation import text_perplexity
+    from ..export import is_onnx_model_dir, load_onnx_model
     from ..model_sources import load_model
     from ..structure import count_parameters
 
@@ -82,11 +83,13 @@ def evaluate(args: Namespace) -> None:
     if not data.is_file():
         raise FileNotFoundError(f"--data file not found: {data}")
     started = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    onnx = is_onnx_model_dir(args.model)  # an `optimum-cli rom export` directory runs on onnxruntime
+    model, tokenizer = load_onnx_model(args.model) if onnx else load_model(args.model)
     result = text_perplexity(model, tokenizer, data, seq_len=args.seq_len, max_windows=args.max_windows)
+    size = {"onnx_bytes": model.path.stat().st_size} if onnx else {"parameters": count_parameters(model)}
     report = {
         "model": str(args.model),
-        "parameters": count_parameters(model),
+        **size,
         "tasks": {"wikitext2": result.to_dict()},
         "seconds": time.perf_counter() - started,
     }
@@ -96,3 +99,16 @@ def evaluate(args: Namespace) -> None:
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def export(args: Namespace) -> None:
+    from ..export import export_onnx
+
+    report = export_onnx(args.model, args.output, int8=args.int8, graph=args.graph, overwrite=args.overwrite)
+    weights = f"int8 {report.int8}" if report.int8 else "fp32"
+    print(
+        f"exported {args.model} to {args.output}: {report.graph} graph, {weights}, "
+        f"{report.onnx_bytes / 1e6:.1f} MB, {report.factorized_linears} factorized linears kept as two thin MatMuls, "
+        f"logits within {report.logits_max_abs_diff:.2g} of PyTorch (max |logit| {report.logits_max_abs:.3g}), "
+        f"{report.seconds:.1f} s"
+    )
