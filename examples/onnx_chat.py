@@ -154,15 +154,17 @@ class Chat:
             text = "\n" + chat_turn("user", user) + ASSISTANT_PREFIX
         printed = 0
 
-        def show(tokens: list[int]) -> None:
+        def show(tokens: list[int], final: bool = False) -> None:
             nonlocal printed
             text = self.decode(tokens)
-            if stream and len(text) > printed and not text.endswith("\ufffd"):  # whole characters only
+            complete = final or not text.endswith("\ufffd")  # a character split over tokens: wait for it
+            if stream and len(text) > printed and complete:
                 stream(text[printed:])
                 printed = len(text)
 
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         tokens = self.model.generate(ids, max_new_tokens, self.stop, sampler, on_token=show)
+        show(tokens, final=True)
         self.generated_tokens = len(tokens)
         closed = tokens and tokens[-1] in self.stop
         self.model.forward(tokens[-1:] if closed else self.end_of_turn)  # close the turn in the cache too
@@ -212,13 +214,10 @@ def main() -> None:
 
     def answer(user: str) -> None:
         started = time.perf_counter()
-        reply = chat.reply(
-            user, args.max_new_tokens, sampler, stream=lambda text: print(text, end="", flush=True)
-        )
-        tokens = len(tokenizer.encode(reply, add_special_tokens=False).ids)
-        print(
-            f"\n[{tokens} tokens, {tokens / (time.perf_counter() - started):.1f} tokens/s]", file=sys.stderr
-        )
+        chat.reply(user, args.max_new_tokens, sampler, stream=lambda text: print(text, end="", flush=True))
+        print()
+        seconds = time.perf_counter() - started
+        print(f"[{chat.generated_tokens} tokens in {seconds:.2f} s]", file=sys.stderr)
 
     for user in args.prompt or []:
         answer(user)

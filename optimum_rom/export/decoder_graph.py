@@ -245,7 +245,7 @@ class _GraphBuilder:
         hidden = self.node("Gather", [embeddings, "input_ids"], "/model/embed_tokens")
         scale = EMBEDDING_SCALES.get(config.model_type)
         if scale is not None:
-            factor = self.constant("model.embed_scale", np.array(scale(config), np.float32))
+            factor = self.constant("const.embed_scale", np.array(scale(config), np.float32))
             hidden = self.node("Mul", [hidden, factor], "/model/embed_tokens")
         hidden = self.to_2d(hidden, config.hidden_size, "/model/embed_tokens")
 
