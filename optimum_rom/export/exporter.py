@@ -91,9 +91,9 @@ def export_onnx(
             quantize_weights_int8(onnx_model, progress)
         _save_onnx(onnx_model, partial / ONNX_FILE, graph, int8)
         del onnx_model
+        _save_configs(model, tokenizer, partial)
         if int8 == "dynamic":
             quantize_dynamic_with_ort_quantizer(partial, partial)
-        _save_configs(model, tokenizer, partial)
         ranks = factorized_ranks(model)
         verify_factorized(partial / ONNX_FILE, ranks)
         difference, scale = compare_with_pytorch(partial, model)
