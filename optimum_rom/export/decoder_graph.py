@@ -163,8 +163,8 @@ class _GraphBuilder:
         # The effective scale, read off the module itself: for an input of ones (rms 1) an RMSNorm
         # returns gamma / sqrt(1 + eps). This covers Llama's w and Gemma's (1 + w) alike.
         eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
-        ones = torch.ones(1, module.weight.shape[0], dtype=torch.float32)
-        gamma = _numpy(module.float()(ones)[0]) * np.sqrt(1.0 + eps)
+        ones = torch.ones(1, module.weight.shape[0], dtype=module.weight.dtype)
+        gamma = _numpy(module(ones)[0]) * np.sqrt(1.0 + eps)
         weight = self.constant(f"{name}.weight", gamma.astype(np.float32))
         return self.node("SimplifiedLayerNormalization", [x, weight], _scope(name), axis=-1, epsilon=eps)
 

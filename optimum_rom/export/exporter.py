@@ -78,6 +78,10 @@ def export_onnx(
         raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
     output = check_output_dir(output, overwrite)
     model, loaded_tokenizer = load_model(model)
+    if model.dtype != torch.float32:
+        raise ValueError(
+            f"the model is {model.dtype}; export a float32 model (model.float(), or load it in float32)"
+        )
     tokenizer = tokenizer or loaded_tokenizer
     graph = _choose_graph(model, graph)
 
