@@ -5,6 +5,7 @@ loads factorized checkpoints) and with PEFT (LoRA on factorized layers).
 """
 
 from .configs import LowRankConfig, RomConfig, SvdConfig
+from .export import export_onnx
 from .integrations.peft import LoraFactorizedLinear, install_peft_dispatch
 from .integrations.transformers import LowRankHfQuantizer, is_factorized, register_with_transformers
 from .layers import FactorizedLinear
@@ -25,6 +26,7 @@ __all__ = [
     "LowRankOptimizer",
     "RomConfig",
     "SvdConfig",
+    "export_onnx",
     "is_factorized",
     "load_model",
 ]

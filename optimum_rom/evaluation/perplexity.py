@@ -59,14 +59,19 @@ def text_perplexity(
 
 
 def stream_perplexity(model, windows: torch.Tensor, progress: bool = True) -> PerplexityResult:
-    """Perplexity over pre-cut token windows ``(windows, seq_len)``."""
-    device = next(model.parameters()).device
+    """Perplexity over pre-cut token windows ``(windows, seq_len)``.
+
+    ``model`` is a torch causal LM or an ``optimum.onnxruntime.ORTModelForCausalLM`` (same call,
+    same logits; ONNX models need the explicit attention mask and have no ``parameters()``).
+    """
+    device = model.device
     total_nll, total_tokens = 0.0, 0
     started = time.perf_counter()
     with torch.no_grad():
         for window in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
             window = window.unsqueeze(0).to(device)
-            logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
+            mask = torch.ones_like(window)
+            logits = model(input_ids=window, attention_mask=mask, use_cache=False).logits[0, :-1].float()
             total_nll += F.cross_entropy(logits, window[0, 1:], reduction="sum").item()
             total_tokens += window.shape[1] - 1
     nll = total_nll / total_tokens

@@ -27,7 +27,7 @@ USER_ERRORS = (
 
 
 def run_command(name: str, args: Namespace) -> None:
-    commands = {"compress": compress, "evaluate": evaluate}
+    commands = {"compress": compress, "evaluate": evaluate, "export": export}
     try:
         commands[name](args)
     except USER_ERRORS as error:
@@ -76,6 +76,7 @@ def compress(args: Namespace) -> None:
 def evaluate(args: Namespace) -> None:
     from ..evaluation.suite import EvaluationOptions, format_table, parse_tasks, task_files
     from ..evaluation.suite import evaluate as run_tasks
+    from ..export import is_onnx_model_dir, load_onnx_model
     from ..model_sources import load_model
     from ..structure import count_parameters
 
@@ -93,13 +94,19 @@ def evaluate(args: Namespace) -> None:
         batch_size=args.batch_size,
     )
     started = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    onnx = is_onnx_model_dir(args.model)  # an `optimum-cli rom export` directory runs on onnxruntime
+    if onnx and set(tasks) != {"wikitext2"}:
+        raise ValueError(
+            f"ONNX models are evaluated on wikitext2 only (asked for {', '.join(tasks)}); "
+            "evaluate the PyTorch checkpoint for the other tasks"
+        )
+    model, tokenizer = load_onnx_model(args.model) if onnx else load_model(args.model)
     load_seconds = time.perf_counter() - started
     results = run_tasks(model, tokenizer, tasks, args.data_dir, options, files)
     quantization = getattr(model.config, "quantization_config", None)
     report = {
         "model": str(args.model),
-        "parameters": count_parameters(model),
+        **({"onnx_bytes": model.path.stat().st_size} if onnx else {"parameters": count_parameters(model)}),
         "config": {
             "tasks": tasks,
             "data_dir": args.data_dir,
@@ -125,3 +132,16 @@ def write_json(path: Path, data: dict) -> None:
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     partial.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(partial, path)
+
+
+def export(args: Namespace) -> None:
+    from ..export import export_onnx
+
+    report = export_onnx(args.model, args.output, int8=args.int8, graph=args.graph, overwrite=args.overwrite)
+    weights = f"int8 {report.int8}" if report.int8 else "fp32"
+    print(
+        f"exported {args.model} to {args.output}: {report.graph} graph, {weights}, "
+        f"{report.onnx_bytes / 1e6:.1f} MB, {report.factorized_linears} factorized linears kept as two thin MatMuls, "
+        f"logits within {report.logits_max_abs_diff:.2g} of PyTorch (max |logit| {report.logits_max_abs:.3g}), "
+        f"{report.seconds:.1f} s"
+    )

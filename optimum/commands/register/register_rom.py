@@ -1,4 +1,4 @@
-"""optimum-cli integration of optimum-rom: ``optimum-cli rom compress|evaluate``.
+"""optimum-cli integration of optimum-rom: ``optimum-cli rom compress|evaluate|export``.
 
 optimum-cli imports every file in this namespace at start-up, so this one stays light
 (argparse only; the work is imported from ``optimum_rom.integrations.cli`` when a command
@@ -106,6 +106,31 @@ try:
                 "--output-json", default=None, help="also write the results to this JSON file"
             )
 
+    class RomExportCommand(_RomLeafCommand):
+        @staticmethod
+        def parse_args(parser):
+            parser.add_argument("--model", required=True, help="model directory, .gguf file or known model")
+            parser.add_argument(
+                "--output", required=True, help="directory for model.onnx, config and tokenizer"
+            )
+            parser.add_argument(
+                "--int8",
+                nargs="?",
+                const="weight-only",
+                default=None,
+                choices=["weight-only", "dynamic"],
+                help="int8 weights: weight-only (default when given; MatMulNBits) or dynamic (optimum's ORTQuantizer)",
+            )
+            parser.add_argument(
+                "--graph",
+                default="auto",
+                choices=["auto", "fused", "optimum"],
+                help="fused: onnxruntime fused-kernel graph; optimum: the stock exporter's; auto: fused when supported",
+            )
+            parser.add_argument(
+                "--overwrite", action="store_true", help="replace an existing output directory"
+            )
+
     class RomCommand(BaseOptimumCLICommand):
         COMMAND = CommandInfo(name="rom", help="Low-rank compression of LLMs on a CPU (optimum-rom).")
         SUBCOMMANDS = (
@@ -116,6 +141,11 @@ try:
             ),
             CommandInfo(
                 name="evaluate", help="Measure a model's quality.", subcommand_class=RomEvaluateCommand
+            ),
+            CommandInfo(
+                name="export",
+                help="Export to ONNX for onnxruntime (factorized linears stay two thin MatMuls).",
+                subcommand_class=RomExportCommand,
             ),
         )
 

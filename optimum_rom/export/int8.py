@@ -1,0 +1,270 @@
+"""int8 weights for an exported ONNX model, two ways.
+
+``weight-only`` (the default): every MatMul with a constant weight becomes onnxruntime's
+``MatMulNBits`` (8 bits, symmetric, one scale per block of 32 input features) and the
+embedding table becomes ``GatherBlockQuantized``. Activations stay float and are only
+quantized block by block inside the kernel, so quality is that of the fp32 model within a
+fraction of a percent. A tied embedding/lm_head table is quantized once and shared.
+
+``dynamic``: optimum's ``ORTQuantizer`` in dynamic mode (int8 per-channel weights,
+activations quantized per tensor at run time to uint8). That is onnxruntime's classic
+recipe; on small LLMs the per-tensor activation scale is set by a few outlier features and
+perplexity degrades badly (see the README's measurements), which is why it is not the default.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from tqdm.auto import tqdm
+
+INT8_METHODS = ("weight-only", "dynamic")
+BLOCK_SIZE = 32
+# MatMulNBits accuracy level 4: the kernel quantizes each block of activations to int8 and uses
+# integer dot products (fast on VNNI / dot-product CPUs); the scales keep the error per block.
+ACCURACY_LEVEL = 4
+MS_DOMAIN = "com.microsoft"
+
+
+def quantize_blockwise(weight: np.ndarray, block_size: int = BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """``(packed, scales)`` of ``weight`` (out x in), symmetric 8-bit per block of ``block_size`` inputs.
+
+    ``packed`` is uint8 ``(out, blocks, block_size)`` holding ``q + 128`` (onnxruntime's default zero
+    point for 8 bits), ``scales`` is ``(out, blocks)``; the input dimension is zero-padded to whole blocks.
+    """
+    rows, columns = weight.shape
+    blocks = -(-columns // block_size)
+    padded = np.zeros((rows, blocks * block_size), np.float32)
+    padded[:, :columns] = weight
+    padded = padded.reshape(rows, blocks, block_size)
+    scales = np.abs(padded).max(axis=-1) / 127.0
+    scales[scales == 0] = 1.0
+    quantized = np.clip(np.rint(padded / scales[..., None]), -127, 127)
+    return (quantized + 128).astype(np.uint8), scales.astype(np.float32)
+
+
+def quantize_weights_int8(model: onnx.ModelProto, progress: bool = True) -> onnx.ModelProto:
+    """Rewrite ``model`` in place: constant-weight MatMuls -> MatMulNBits, embeddings -> GatherBlockQuantized."""
+    _WeightOnlyRewriter(model).run(progress)
+    return model
+
+
+def constant_weight(
+    node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], producers: dict[str, onnx.NodeProto]
+) -> tuple[str, bool] | None:
+    """For a MatMul / Gemm multiplying by a constant 2-D float matrix: ``(initializer, stored_in_x_out)``.
+
+    The operand is either the initializer itself (in x out, as exporters store linear weights; out x in
+    for a ``transB`` Gemm) or ``Transpose`` of one (a tied lm_head reading the embedding table).
+    Attention products (both operands computed at run time) give ``None``.
+    """
+
+    def float_matrix(name: str) -> bool:
+        init = initializers.get(name)
+        return init is not None and init.data_type == TensorProto.FLOAT and len(init.dims) == 2
+
+    right = node.input[1]
+    if node.op_type == "Gemm":
+        attributes = {a.name: (a.f if a.type == onnx.AttributeProto.FLOAT else a.i) for a in node.attribute}
+        plain = (
+            attributes.get("transA", 0) == 0
+            and attributes.get("alpha", 1.0) == attributes.get("beta", 1.0) == 1.0
+        )
+        return (right, not attributes.get("transB", 0)) if plain and float_matrix(right) else None
+    if node.op_type != "MatMul":
+        return None
+    if float_matrix(right):
+        return right, True
+    producer = producers.get(right)
+    if producer is not None and producer.op_type == "Transpose" and float_matrix(producer.input[0]):
+        perm = next((list(a.ints) for a in producer.attribute if a.name == "perm"), [1, 0])
+        if perm == [1, 0]:
+            return producer.input[0], False
+    return None
+
+
+class _WeightOnlyRewriter:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.initializers = {init.name: init for init in self.graph.initializer}
+        self.producers = {out: node for node in self.graph.node for out in node.output}
+        self.position = {node.output[0]: i for i, node in enumerate(self.graph.node) if node.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.graph.node:
+            for name in node.input:
+                self.consumers[name].append(node)
+        self.graph_outputs = {output.name for output in self.graph.output}
+        self.packed: dict[tuple[str, bool], tuple[str, str, int, int]] = {}  # (source, transposed) -> packed
+        self.replacements: dict[int, list[onnx.NodeProto]] = {}  # node position -> nodes replacing it
+
+    def run(self, progress: bool) -> None:
+        nodes = list(self.graph.node)
+        candidates = [i for i, n in enumerate(nodes) if n.op_type in ("MatMul", "Gemm", "Gather")]
+        for index in tqdm(candidates, desc="int8 weights", unit="node", disable=not progress):
+            node = nodes[index]
+            if node.op_type == "Gather":
+                self.rewrite_gather(index, node)
+            else:
+                self.rewrite_linear(index, node)
+        rewritten = [new for i, node in enumerate(nodes) for new in self.replacements.get(i, [node])]
+        del self.graph.node[:]
+        self.graph.node.extend(rewritten)
+        _remove_dead_nodes(self.model)
+        if not any(opset.domain == MS_DOMAIN for opset in self.model.opset_import):
+            self.model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+    def pack(self, source: str, transposed: bool) -> tuple[str, str, int, int]:
+        """Quantize a weight once, however many nodes read it: ``(data, scales, out, in)``."""
+        key = (source, transposed)
+        if key not in self.packed:
+            matrix = numpy_helper.to_array(self.initializers[source])
+            weight = matrix.T if transposed else matrix
+            data, scales = quantize_blockwise(weight)
+            base = f"{source}.T" if transposed else source
+            self.graph.initializer.extend(
+                [
+                    numpy_helper.from_array(data, f"{base}.int8"),
+                    numpy_helper.from_array(scales, f"{base}.scales"),
+                ]
+            )
+            self.packed[key] = (f"{base}.int8", f"{base}.scales", weight.shape[0], weight.shape[1])
+        return self.packed[key]
+
+    def rewrite_linear(self, index: int, node: onnx.NodeProto) -> None:
+        """MatMul / Gemm by a constant weight -> MatMulNBits, absorbing a bias (Gemm's, or a following Add)."""
+        found = constant_weight(node, self.initializers, self.producers)
+        if found is None:
+            return
+        data, scales, rows, columns = self.pack(*found)
+        inputs, output = [node.input[0], data, scales], node.output[0]
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
+        if bias and not self.is_bias(bias, rows):
+            return  # a Gemm whose C is not a constant vector of outputs: leave it in float
+        bias_add = None if bias else self.foldable_bias(node, rows)
+        if bias_add is not None:
+            bias = next(i for i in bias_add.input if i != output)
+            self.replacements[self.position[bias_add.output[0]]] = []
+            output = bias_add.output[0]
+        if bias:
+            inputs += ["", "", bias]  # no zero points, no g_idx
+        scope, op_name = node.name.rsplit("/", 1) if "/" in node.name else ("", node.name or output)
+        self.replacements[index] = [
+            helper.make_node(
+                "MatMulNBits",
+                inputs,
+                [output],
+                name=f"{scope}/{op_name.replace(node.op_type, 'MatMulNBits', 1)}",
+                domain=MS_DOMAIN,
+                K=columns,
+                N=rows,
+                bits=8,
+                block_size=BLOCK_SIZE,
+                accuracy_level=ACCURACY_LEVEL,
+            )
+        ]
+
+    def foldable_bias(self, node: onnx.NodeProto, rows: int) -> onnx.NodeProto | None:
+        """The ``Add`` of a constant bias right after ``node``, which MatMulNBits absorbs."""
+        output = node.output[0]
+        users = self.consumers.get(output, [])
+        if output in self.graph_outputs or len(users) != 1 or users[0].op_type != "Add":
+            return None
+        add = users[0]
+        return add if self.is_bias(next((i for i in add.input if i != output), ""), rows) else None
+
+    def is_bias(self, name: str, rows: int) -> bool:
+        bias = self.initializers.get(name)
+        return bias is not None and bias.data_type == TensorProto.FLOAT and list(bias.dims) == [rows]
+
+    def rewrite_gather(self, index: int, node: onnx.NodeProto) -> None:
+        """An embedding lookup in a float table -> GatherBlockQuantized on the int8 table."""
+        table = self.initializers.get(node.input[0])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if table is None or table.data_type != TensorProto.FLOAT or len(table.dims) != 2 or axis != 0:
+            return
+        if table.dims[1] % BLOCK_SIZE:
+            return
+        data, scales, rows, columns = self.pack(node.input[0], transposed=False)
+        scope = node.name or "/" + node.output[0]  # new nodes are named <gather name>/<op>: unique
+        shape_3d, width = f"{scales}.shape_3d", f"{scales}.row_width"
+        if shape_3d not in self.initializers:
+            blocks = columns // BLOCK_SIZE
+            for name, value in ((shape_3d, [rows, blocks, 1]), (width, [columns])):
+                self.initializers[name] = numpy_helper.from_array(np.array(value), name)
+                self.graph.initializer.append(self.initializers[name])
+        scales_3d, gathered, indices_shape, output_shape = (
+            f"{scope}/{suffix}" for suffix in ("scales_3d", "gathered", "indices_shape", "output_shape")
+        )
+        self.replacements[index] = [
+            helper.make_node("Reshape", [scales, shape_3d], [scales_3d], name=f"{scope}/Reshape_scales"),
+            helper.make_node(
+                "GatherBlockQuantized",
+                [data, node.input[1], scales_3d],
+                [gathered],
+                name=f"{scope}/GatherBlockQuantized",
+                domain=MS_DOMAIN,
+                gather_axis=0,
+                quantize_axis=2,
+                block_size=BLOCK_SIZE,
+                bits=8,
+            ),
+            helper.make_node("Shape", [node.input[1]], [indices_shape], name=f"{scope}/Shape"),
+            helper.make_node(
+                "Concat", [indices_shape, width], [output_shape], name=f"{scope}/Concat", axis=0
+            ),
+            helper.make_node("Reshape", [gathered, output_shape], [node.output[0]], name=f"{scope}/Reshape"),
+        ]
+
+
+def _remove_dead_nodes(model: onnx.ModelProto) -> None:
+    """Drop nodes whose outputs nobody reads (e.g. the Transpose of a now-quantized table) and unused initializers."""
+    graph = model.graph
+    needed = {output.name for output in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(output in needed for output in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    used = [init for init in graph.initializer if init.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(used)
+
+
+def quantize_dynamic_with_ort_quantizer(onnx_dir: Path, save_dir: Path) -> None:
+    """optimum's ``ORTQuantizer``, dynamic int8 with per-channel weights, into ``save_dir/model.onnx``.
+
+    Only MatMuls with a constant weight are quantized (what onnxruntime's own ``quantize_dynamic``
+    does by default with ``MatMulConstBOnly``, and what optimum does not pass on): quantizing both
+    operands of the attention products of the stock graph at run time costs quality for no gain.
+    """
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    graph = onnx.load(onnx_dir / "model.onnx", load_external_data=False).graph
+    initializers = {init.name: init for init in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    activation_products = [
+        n.name
+        for n in graph.node
+        if n.op_type == "MatMul" and constant_weight(n, initializers, producers) is None
+    ]
+    config = AutoQuantizationConfig.avx512_vnni(
+        is_static=False, per_channel=True, nodes_to_exclude=activation_products
+    )
+    ORTQuantizer.from_pretrained(onnx_dir).quantize(config, save_dir, file_suffix="")
+
+
+__all__ = [
+    "INT8_METHODS",
+    "constant_weight",
+    "quantize_blockwise",
+    "quantize_dynamic_with_ort_quantizer",
+    "quantize_weights_int8",
+]
