@@ -4,7 +4,7 @@ Importing the package registers it with transformers (``AutoModelForCausalLM.fro
 loads factorized checkpoints) and with PEFT (LoRA on factorized layers).
 """
 
-from .configs import LowRankConfig, RomConfig
+from .configs import BasisSelectionConfig, LowRankConfig, RomConfig
 from .integrations.peft import LoraFactorizedLinear, install_peft_dispatch
 from .integrations.transformers import LowRankHfQuantizer, is_factorized, register_with_transformers
 from .layers import FactorizedLinear
@@ -14,9 +14,11 @@ from .optimizer import CompressionReport, LowRankOptimizer
 __version__ = "0.1.0"
 
 register_with_transformers({"rom": RomConfig})
+register_with_transformers({"basis_selection": BasisSelectionConfig})
 install_peft_dispatch()
 
 __all__ = [
+    "BasisSelectionConfig",
     "CompressionReport",
     "FactorizedLinear",
     "LoraFactorizedLinear",

@@ -46,3 +46,9 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
         shutil.rmtree(previous, ignore_errors=True)
     else:
         os.replace(partial, path)
+
+
+def default_work_dir(output: str | Path) -> Path:
+    """Where a resumable pass keeps its progress: a hidden sibling of the output directory."""
+    output = Path(output)
+    return output.parent / f".{output.name}.work"

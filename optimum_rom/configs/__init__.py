@@ -1,6 +1,7 @@
 """JSON-serializable configs of the compression passes."""
 
 from .base import LowRankConfig
+from .basis_selection import BasisSelectionConfig
 from .rom import RomConfig
 
-__all__ = ["LowRankConfig", "RomConfig"]
+__all__ = ["BasisSelectionConfig", "LowRankConfig", "RomConfig"]

