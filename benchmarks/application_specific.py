@@ -40,6 +40,12 @@ def main() -> None:
     parser.add_argument("--wikitext", type=Path, default=SHARED_DATA / "wiki.test.raw")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.6])
     parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["dense", "rom", "basis-selection"],
+        choices=["dense", "rom", "basis-selection"],
+    )
+    parser.add_argument(
         "--svd-bases", action="store_true", help="also run Basis Selection on plain SVD bases"
     )
     parser.add_argument("--output", type=Path, default=Path("runs/application_specific.json"))
@@ -71,17 +77,20 @@ def main() -> None:
         args.output.write_text(json.dumps(results, indent=2) + "\n")
         print(f"{name}: {row}", flush=True)
 
-    record("dense")
+    if "dense" in args.methods:
+        record("dense")
     for ratio in args.ratios:
-        for allocation in ("uniform", "paper"):
+        for allocation in ("uniform", "paper") if "rom" in args.methods else ():
             config = RomConfig(params_ratio=ratio, allocation=allocation)
             record(
                 f"rom-{allocation}-{ratio}", lambda o, c=config: o.compress(c, calibration=calibration_text)
             )
-        for bases in ["activation", "svd"] if args.svd_bases else ["activation"]:
-            config = BasisSelectionConfig(params_ratio=ratio, bases=bases)
-            record(f"basis-selection-{bases}-{ratio}", lambda o, c=config: o.compress(c, train_dataset=train))
-    print_table(results)
+        bases = ["activation", "svd"] if args.svd_bases else ["activation"]
+        for kind in bases if "basis-selection" in args.methods else ():
+            config = BasisSelectionConfig(params_ratio=ratio, bases=kind)
+            record(f"basis-selection-{kind}-{ratio}", lambda o, c=config: o.compress(c, train_dataset=train))
+    if "dense" in results:
+        print_table(results)
 
 
 def measure(optimizer: LowRankOptimizer, held_out, wikitext: Path) -> dict:

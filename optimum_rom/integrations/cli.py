@@ -79,7 +79,16 @@ def _basis_selection_job(args: Namespace, common: dict) -> tuple:
         )
     if args.calibration is not None:
         raise ValueError("--calibration is for --method rom; basis-selection takes --task-data")
-    options = _given(args, "num_rounds", "steps_per_round", "batch_size", "new_rank", "fine_tune_steps")
+    options = _given(
+        args,
+        "bases",
+        "num_rounds",
+        "steps_per_round",
+        "batch_size",
+        "new_rank",
+        "fine_tune_steps",
+        "gradient_checkpointing",
+    )
     config = BasisSelectionConfig(**common, **options)
     task = resolve_task_format(args.task, args.prompt_field, args.answer_field)
     pairs = load_pairs(args.task_data, task)

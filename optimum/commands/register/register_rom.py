@@ -97,6 +97,12 @@ try:
                 default=0,
                 help="leave out this many records (seeded split_pairs, e.g. 500 for evaluation)",
             )
+            basis.add_argument(
+                "--bases",
+                default=None,
+                choices=["activation", "svd"],
+                help="activation: SVD in the metric of the task's activations (default); svd: of the weights",
+            )
             basis.add_argument("--num-rounds", type=int, default=None, help="pruning rounds (default 6)")
             basis.add_argument(
                 "--steps-per-round", type=int, default=None, help="training steps per round (default 6)"
@@ -108,6 +114,12 @@ try:
                 type=int,
                 default=None,
                 help="LoRA fine-tune steps after merging (default 0)",
+            )
+            basis.add_argument(
+                "--gradient-checkpointing",
+                action="store_true",
+                default=None,
+                help="less training memory, more time",
             )
 
     class RomEvaluateCommand(_RomLeafCommand):
