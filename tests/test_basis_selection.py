@@ -12,7 +12,7 @@ from optimum_rom.evaluation import answer_loss
 from optimum_rom.passes.basis_selection import BasisLinear, run_basis_selection
 from optimum_rom.passes.basis_selection.model import kept_bases
 from optimum_rom.structure import count_parameters
-from optimum_rom.task_data import PromptAnswer
+from optimum_rom.task_data import PromptAnswer, training_examples
 
 from .conftest import tiny_model
 
@@ -143,9 +143,7 @@ def test_an_interrupted_run_resumes_from_its_last_round_and_ends_the_same(tokeni
     import optimum_rom.passes.basis_selection.run as run_module
 
     config = BasisSelectionConfig(params_ratio=0.7, **{**FAST, "num_rounds": 3})
-    examples = LowRankOptimizer(tiny_model("llama"), tokenizer)._training_examples(
-        config, counting_pairs(), "gsm8k", None
-    )
+    examples = training_examples(tokenizer, counting_pairs(), config.num_samples, config.seq_len)
     uninterrupted = tiny_model("llama")
     run_basis_selection(uninterrupted, config, examples, progress=False)
 
@@ -168,22 +166,24 @@ def test_an_interrupted_run_resumes_from_its_last_round_and_ends_the_same(tokeni
     torch.testing.assert_close(resumed(ids).logits, uninterrupted(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_state_of_a_different_run_is_ignored(tokenizer, tmp_path, caplog):
-    examples = LowRankOptimizer(tiny_model("llama"), tokenizer)._training_examples(
-        BasisSelectionConfig(**FAST), counting_pairs(), "gsm8k", None
+def test_state_of_a_different_run_is_ignored(tokenizer, tmp_path, caplog, monkeypatch):
+    import optimum_rom.passes.basis_selection.run as run_module
+
+    examples = training_examples(tokenizer, counting_pairs(), FAST["num_samples"], FAST["seq_len"])
+    first = BasisSelectionConfig(params_ratio=0.7, **FAST)
+    run_basis_selection(tiny_model("llama"), first, examples, progress=False, work_dir=tmp_path)
+    assert json.loads((tmp_path / "state.json").read_text())["completed"] == first.num_rounds
+
+    trained_rounds = []
+    original = run_module.train_steps
+    monkeypatch.setattr(
+        run_module, "train_steps", lambda *a, **k: trained_rounds.append(k["first_step"]) or original(*a, **k)
     )
-    run_basis_selection(
-        tiny_model("llama"), BasisSelectionConfig(params_ratio=0.7, **FAST), examples, False, None, tmp_path
-    )
-    (tmp_path / "state.json").write_text(
-        json.dumps({**json.loads((tmp_path / "state.json").read_text()), "fingerprint": "other"})
-    )
-    model = tiny_model("llama")
-    run_basis_selection(
-        model, BasisSelectionConfig(params_ratio=0.7, **FAST), examples, False, None, tmp_path
-    )
+    changed = BasisSelectionConfig(params_ratio=0.7, **FAST, learning_rate=1e-2)
+    run_basis_selection(tiny_model("llama"), changed, examples, progress=False, work_dir=tmp_path)
+
     assert "belongs to a different model, config or data set" in caplog.text
-    assert any(isinstance(m, FactorizedLinear) for m in model.modules())
+    assert len(trained_rounds) == changed.num_rounds  # started over instead of resuming
 
 
 def test_fine_tune_stage_keeps_the_size(tokenizer):
