@@ -4,7 +4,7 @@ Importing the package registers it with transformers (``AutoModelForCausalLM.fro
 loads factorized checkpoints) and with PEFT (LoRA on factorized layers).
 """
 
-from .configs import LowRankConfig, RomConfig, SvdConfig
+from .configs import BasisSelectionConfig, LowRankConfig, RomConfig, SvdConfig
 from .export import export_onnx
 from .integrations.peft import LoraFactorizedLinear, install_peft_dispatch
 from .integrations.transformers import LowRankHfQuantizer, is_factorized, register_with_transformers
@@ -14,10 +14,11 @@ from .optimizer import CompressionReport, LowRankOptimizer
 
 __version__ = "0.1.0"
 
-register_with_transformers({"rom": RomConfig, "svd": SvdConfig})
+register_with_transformers({"rom": RomConfig, "svd": SvdConfig, "basis_selection": BasisSelectionConfig})
 install_peft_dispatch()
 
 __all__ = [
+    "BasisSelectionConfig",
     "CompressionReport",
     "FactorizedLinear",
     "LoraFactorizedLinear",

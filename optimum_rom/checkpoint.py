@@ -220,3 +220,9 @@ def raise_disk_error(error: OSError, path: Path, size: int) -> None:
             "command again to continue",
         ) from None
     raise error
+
+
+def default_work_dir(output: str | Path) -> Path:
+    """Where a resumable pass keeps its progress: a hidden sibling of the output directory."""
+    output = Path(output)
+    return output.parent / f".{output.name}.work"

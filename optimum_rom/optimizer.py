@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,14 +13,15 @@ from optimum.quantization_base import OptimumQuantizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .calibration.data import CalibrationSource, describe_source, load_calibration
-from .checkpoint import atomic_directory, check_output_dir
+from .checkpoint import atomic_directory, check_output_dir, default_work_dir
 from .configs import LowRankConfig
 from .healing import heal
 from .integrations.transformers import attach_quantizer
 from .model_sources import load_causal_lm, load_model, resolve_model_path
-from .passes import pass_for
+from .passes import PassData, pass_for
 from .streaming import LazyCheckpoint, compress_streaming
 from .structure import check_compressible, count_parameters
+from .task_data import TaskFormat, TaskSource, describe_task_source, load_task_source, training_examples
 
 # Healing draws its own windows from the calibration source: more text than calibration needs
 # (15 minutes on this class of CPU sees roughly 100k tokens of a 135M model).
@@ -60,6 +62,10 @@ class LowRankOptimizer(OptimumQuantizer):
     with a ``save_dir`` then streams it block by block (memory: one block plus the calibration
     activations, whatever the depth) and returns the saved checkpoint, loaded lazily.
     Accessing ``optimizer.model`` first loads it whole and compresses in memory instead.
+
+    For one application, Basis Selection trains on prompt/answer pairs::
+
+        model = optimizer.compress(BasisSelectionConfig(params_ratio=0.8), train_dataset="gsm8k.jsonl", save_dir="out")
     """
 
     def __init__(
@@ -106,14 +112,23 @@ class LowRankOptimizer(OptimumQuantizer):
         calibration: CalibrationSource | None = None,
         save_dir: str | Path | None = None,
         *,
+        train_dataset: TaskSource | None = None,
+        task: str | TaskFormat = "gsm8k",
         text_field: str = "text",
         overwrite: bool = False,
+        work_dir: str | Path | None = None,
         progress: bool = True,
     ) -> PreTrainedModel:
         """Compress the model with the pass ``config`` selects; save it if ``save_dir`` is given.
 
-        Every check (output directory, calibration data, reachable size target) runs before
-        the expensive work, and nothing is written unless the run completes.
+        ROM calibrates on ``calibration`` text (``text_field`` names jsonl fields); Basis Selection
+        trains on ``train_dataset``, a jsonl of prompt/answer records formatted by ``task`` (a preset
+        name or a TaskFormat) or a list of PromptAnswer. A training pass keeps its progress in
+        ``work_dir`` (default: a hidden directory next to ``save_dir``), so rerunning an interrupted
+        job continues from its last completed round; the directory is removed once the model is saved.
+
+        Every check (output directory, data, reachable size target) runs before the expensive
+        work, and nothing is written to ``save_dir`` unless the run completes.
         """
         if not isinstance(config, LowRankConfig):
             raise TypeError(
@@ -127,28 +142,23 @@ class LowRankOptimizer(OptimumQuantizer):
                 raise ValueError(
                     "saving needs a tokenizer: pass tokenizer= to LowRankOptimizer.from_pretrained"
                 )
-        if not compression_pass.needs_calibration:
-            calibration = None  # data-free pass (e.g. SVD): nothing to read
-        elif calibration is None:
-            raise ValueError(
-                "calibration data is required: a text or jsonl file, a list of strings, or token ids"
-            )
-        elif self.tokenizer is None and not isinstance(calibration, torch.Tensor):
-            raise ValueError(
-                "text calibration needs a tokenizer: pass tokenizer= to LowRankOptimizer.from_pretrained"
-            )
-        input_ids = None
-        if calibration is not None:
-            input_ids = load_calibration(
-                calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed, text_field
-            )
-        config.calibration = None if calibration is None else describe_source(calibration)
+        if compression_pass.data is PassData.TASK:
+            data = self._training_examples(config, train_dataset, task, calibration)
+            config.calibration = describe_task_source(train_dataset, task)
+        elif compression_pass.data is PassData.CALIBRATION:
+            data = self._calibration_ids(config, calibration, train_dataset, text_field)
+            config.calibration = describe_source(calibration)
+        else:  # data-free (e.g. SVD)
+            data = calibration = config.calibration = None
         streamed = save_dir is not None and self._model is None and compression_pass.streams
-        source = LazyCheckpoint(self.source) if streamed else None
-        model = source.model if streamed else self.model
+        lazy = LazyCheckpoint(self.source) if streamed else None
+        model = lazy.model if streamed else self.model
         check_compressible(model)
         plan = compression_pass.plan(model, config)
-        compression_pass.check(config, plan, input_ids)
+        compression_pass.check(config, plan, data)
+        if compression_pass.resumable and work_dir is None and save_dir is not None:
+            work_dir = default_work_dir(save_dir)
+        run_options = {"work_dir": work_dir} if compression_pass.resumable else {}
 
         heal_minutes = getattr(config, "heal_minutes", 0)
         teacher = None
@@ -159,21 +169,13 @@ class LowRankOptimizer(OptimumQuantizer):
         params_before = count_parameters(model)
         if streamed:
             path = compress_streaming(
-                source,
-                self.tokenizer,
-                config,
-                plan,
-                input_ids,
-                compression_pass.run,
-                save_dir,
-                overwrite,
-                progress,
+                lazy, self.tokenizer, config, plan, data, compression_pass.run, save_dir, overwrite, progress
             )
             self._model = AutoModelForCausalLM.from_pretrained(path)
         else:
             # Half-precision weights are compressed in float32 and returned in their own dtype.
             dtype = model.dtype
-            compression_pass.run(model.float(), config, input_ids, plan=plan, progress=progress)
+            compression_pass.run(model.float(), config, data, plan=plan, progress=progress, **run_options)
             model.to(dtype)
             attach_quantizer(model, config)
         seconds = time.perf_counter() - started
@@ -191,14 +193,64 @@ class LowRankOptimizer(OptimumQuantizer):
             params_before=params_before,
             params_after=count_parameters(self._model),
             target_ratio=config.params_ratio,
-            factorized_modules=len(plan.ranks),
+            factorized_modules=len(config.modules),
             seconds=seconds,
             streamed=streamed,
             healing=healing.to_dict() if healing else None,
         )
         if save_dir is not None and (not streamed or healing):
             self.save(save_dir, overwrite=overwrite or streamed)
+        if run_options.get("work_dir") is not None:
+            shutil.rmtree(run_options["work_dir"], ignore_errors=True)
         return self._model
+
+    def _calibration_ids(
+        self,
+        config: LowRankConfig,
+        calibration: CalibrationSource | None,
+        train_dataset: TaskSource | None,
+        text_field: str,
+    ) -> torch.Tensor:
+        name = type(config).__name__
+        if train_dataset is not None:
+            raise ValueError(
+                f"{name} calibrates on text, not on prompt/answer pairs: pass calibration= instead of "
+                "train_dataset= (a jsonl works too: calibration='data.jsonl', text_field='question,answer')"
+            )
+        if calibration is None:
+            raise ValueError(
+                "calibration data is required: a text or jsonl file, a list of strings, or token ids"
+            )
+        if self.tokenizer is None and not isinstance(calibration, torch.Tensor):
+            raise ValueError(
+                "text calibration needs a tokenizer: pass tokenizer= to LowRankOptimizer.from_pretrained"
+            )
+        return load_calibration(
+            calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed, text_field
+        )
+
+    def _training_examples(
+        self,
+        config: LowRankConfig,
+        train_dataset: TaskSource | None,
+        task: str | TaskFormat,
+        calibration: CalibrationSource | None,
+    ) -> list[dict[str, torch.Tensor]]:
+        name = type(config).__name__
+        if train_dataset is None:
+            hint = " instead of calibration=" if calibration is not None else ""
+            raise ValueError(
+                f"{name} trains on the target application's data: pass train_dataset={hint} (a jsonl of "
+                "prompt/answer records with task='gsm8k' / 'code' / a TaskFormat, or a list of PromptAnswer)"
+            )
+        if calibration is not None:
+            raise ValueError(f"{name} takes train_dataset=, not calibration=; pass only train_dataset")
+        if self.tokenizer is None:
+            raise ValueError(
+                f"{name} tokenizes its training data: pass tokenizer= to LowRankOptimizer.from_pretrained"
+            )
+        pairs = load_task_source(train_dataset, task)
+        return training_examples(self.tokenizer, pairs, config.num_samples, config.seq_len, config.seed)
 
     def save(self, save_dir: str | Path, overwrite: bool = False) -> Path:
         """Write the factorized checkpoint (safetensors + config + tokenizer) atomically."""

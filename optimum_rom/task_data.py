@@ -10,7 +10,8 @@ from __future__ import annotations
 import gzip
 import json
 import random
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -42,11 +43,23 @@ class PromptAnswer:
     answer: str
 
 
+def resolve_task_format(
+    task: str | TaskFormat = "gsm8k", prompt_field: str | None = None, answer_field: str | None = None
+) -> TaskFormat:
+    """A preset (or a TaskFormat) with its field names optionally replaced, templates kept."""
+    preset = PRESETS.get(task) if isinstance(task, str) else task
+    if not isinstance(preset, TaskFormat):
+        raise ValueError(f"unknown task preset {task!r}; use one of {sorted(PRESETS)} or a TaskFormat")
+    return replace(
+        preset,
+        prompt_field=prompt_field or preset.prompt_field,
+        answer_field=answer_field or preset.answer_field,
+    )
+
+
 def load_pairs(path: str | Path, task: str | TaskFormat = "gsm8k") -> list[PromptAnswer]:
     """Prompt/answer pairs of a jsonl (or .jsonl.gz) file, formatted by a preset name or a TaskFormat."""
-    task_format = PRESETS[task] if isinstance(task, str) and task in PRESETS else task
-    if not isinstance(task_format, TaskFormat):
-        raise ValueError(f"unknown task preset {task!r}; use one of {sorted(PRESETS)} or a TaskFormat")
+    task_format = resolve_task_format(task)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"task data not found: {path}")
@@ -56,7 +69,10 @@ def load_pairs(path: str | Path, task: str | TaskFormat = "gsm8k") -> list[Promp
         for line_number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number} is not valid JSON ({error.msg})") from None
             for field in (task_format.prompt_field, task_format.answer_field):
                 if field not in record:
                     raise ValueError(
@@ -88,6 +104,47 @@ def split_pairs(
     held_out = set(order[:count])
     train = [p for i, p in enumerate(pairs) if i not in held_out]
     return train, [pairs[i] for i in sorted(held_out)]
+
+
+TaskSource = str | Path | Sequence[PromptAnswer]
+
+
+def load_task_source(source: TaskSource, task: str | TaskFormat = "gsm8k") -> list[PromptAnswer]:
+    """Pairs from a jsonl file (formatted by ``task``) or a ready list of :class:`PromptAnswer`."""
+    if isinstance(source, (str, Path)):
+        return load_pairs(source, task)
+    pairs = list(source)
+    if not pairs:
+        raise ValueError("the list of prompt/answer pairs is empty")
+    wrong = next((p for p in pairs if not isinstance(p, PromptAnswer)), None)
+    if wrong is not None:
+        raise TypeError(
+            f"train data must be a jsonl path or a list of PromptAnswer, found a {type(wrong).__name__}; "
+            "build pairs with optimum_rom.task_data.load_pairs"
+        )
+    return pairs
+
+
+def describe_task_source(source: TaskSource, task: str | TaskFormat = "gsm8k") -> str:
+    """A short provenance string stored in the config."""
+    if isinstance(source, (str, Path)):
+        name = task if isinstance(task, str) else f"{task.prompt_field} -> {task.answer_field}"
+        return f"{Path(source).name} ({name})"
+    return f"{len(source)} prompt/answer pairs"
+
+
+def training_examples(
+    tokenizer, pairs: list[PromptAnswer], num_samples: int, max_length: int, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """Up to ``num_samples`` pairs drawn with ``seed``, tokenized with answer-only labels."""
+    if len(pairs) > num_samples:
+        pairs = random.Random(seed).sample(pairs, num_samples)
+    examples = tokenize_pairs(tokenizer, pairs, max_length)
+    if not examples:
+        raise ValueError(
+            f"no training pair keeps an answer token within {max_length} tokens; raise seq_len (CLI: --seq-len)"
+        )
+    return examples
 
 
 def tokenize_pairs(

@@ -2,7 +2,7 @@
 
 from .perplexity import PerplexityResult, stream_perplexity, text_perplexity
 from .suite import TASKS, EvaluationOptions, evaluate
-from .task_loss import TaskLossResult, answer_loss
+from .task_loss import TaskLossResult, answer_loss, answer_nll
 
 __all__ = [
     "TASKS",
@@ -10,6 +10,7 @@ __all__ = [
     "PerplexityResult",
     "TaskLossResult",
     "answer_loss",
+    "answer_nll",
     "evaluate",
     "stream_perplexity",
     "text_perplexity",

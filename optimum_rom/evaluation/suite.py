@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..task_data import load_pairs
+from ..task_data import load_pairs, split_pairs
 from .gsm8k import evaluate_gsm8k
 from .harness import MULTIPLE_CHOICE_TASKS, evaluate_multiple_choice, make_lm
 from .humaneval import evaluate_humaneval
@@ -33,6 +33,10 @@ class EvaluationOptions:
     num_fewshot: int = 5  # GSM8K exemplars
     max_new_tokens: int | None = None  # generation cap of GSM8K / HumanEval (None: 256 / 384)
     batch_size: int = 16
+    holdout: int = (
+        0  # answer-loss tasks: score only the records `split_pairs(..., holdout, holdout_seed)` holds out
+    )
+    holdout_seed: int = 0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -97,10 +101,20 @@ def _gsm8k(context: EvaluationContext, test: Path, train: Path) -> dict[str, Any
     )
 
 
-def _gsm8k_loss(context: EvaluationContext, test: Path) -> dict[str, Any]:
-    pairs = load_pairs(test, "gsm8k")[: context.options.limit]
-    result = answer_loss(context.model, context.tokenizer, pairs, progress=context.options.progress)
-    return result.to_dict()
+def _answer_loss(preset: str) -> Callable[..., dict[str, Any]]:
+    """Cross-entropy on the answers of a prompt/answer file (only its held-out part with ``holdout``)."""
+
+    def run(context: EvaluationContext, test: Path) -> dict[str, Any]:
+        options = context.options
+        pairs = load_pairs(test, preset)
+        if options.holdout:
+            pairs = split_pairs(pairs, options.holdout, seed=options.holdout_seed)[1]
+        result = answer_loss(
+            context.model, context.tokenizer, pairs[: options.limit], progress=options.progress
+        )
+        return result.to_dict()
+
+    return run
 
 
 def _humaneval(context: EvaluationContext, problems: Path) -> dict[str, Any]:
@@ -125,10 +139,12 @@ TASKS: dict[str, Task] = {
     "gsm8k": Task(
         ("gsm8k.test.jsonl", "gsm8k.train.jsonl"), _gsm8k, ("exact_match_strict", "exact_match_flexible")
     ),
-    "gsm8k_loss": Task(("gsm8k.test.jsonl",), _gsm8k_loss, ("loss", "perplexity")),
+    "gsm8k_loss": Task(("gsm8k.test.jsonl",), _answer_loss("gsm8k"), ("loss", "perplexity")),
+    "code_loss": Task(("HumanEval.jsonl.gz",), _answer_loss("code"), ("loss", "perplexity")),
     "humaneval": Task(("HumanEval.jsonl.gz",), _humaneval, ("pass@1",)),
 }
 ZERO_SHOT_TASKS = tuple(MULTIPLE_CHOICE_TASKS)
+ANSWER_LOSS_TASKS = ("gsm8k_loss", "code_loss")
 
 
 def parse_tasks(tasks: str | list[str]) -> list[str]:

@@ -51,16 +51,31 @@ def answer_loss(
     with torch.no_grad():
         batches = range(0, len(examples), batch_size)
         for start in tqdm(batches, desc="answer loss", unit="batch", disable=not progress):
-            batch = collate(examples[start : start + batch_size], pad)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            total += F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(),
-                labels.flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            ).item()
-            tokens += int((labels != IGNORE_INDEX).sum())
+            nll, count = answer_nll(model, collate(examples[start : start + batch_size], pad))
+            total += nll.item()
+            tokens += count
     model.train(was_training)
     loss = total / tokens
     return TaskLossResult(loss, math.exp(loss), tokens, len(examples), time.perf_counter() - started)
+
+
+def answer_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the answer tokens of a collated batch, and their count.
+
+    Shared by evaluation and training. Logits are computed only at the positions that predict an
+    answer token in some row (transformers' ``logits_to_keep``), which skips the vocabulary
+    projection, the costliest matmul of a small model, on the prompts.
+    """
+    targets = batch["labels"][:, 1:]
+    positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        logits_to_keep=positions,
+        use_cache=False,
+    ).logits
+    picked = targets[:, positions]
+    nll = F.cross_entropy(
+        logits.flatten(0, 1).float(), picked.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return nll, int((picked != IGNORE_INDEX).sum())

@@ -43,34 +43,65 @@ def default_calibration_file() -> Path:
 
 
 def compress(args: Namespace) -> None:
-    from ..configs import RomConfig, SvdConfig
     from ..optimizer import LowRankOptimizer
 
-    config_class = {"rom": RomConfig, "svd": SvdConfig}[args.method]
-    config = config_class(
-        params_ratio=args.params_ratio,
-        allocation=args.allocation,
-        num_trailing_blocks=args.num_trailing_blocks,
-        num_samples=args.num_samples,
-        seq_len=args.seq_len,
-        seed=args.seed,
-        target_modules=args.target_modules,
-    )
-    calibration = args.calibration or default_calibration_file()
+    common = dict(params_ratio=args.params_ratio, seed=args.seed, target_modules=args.target_modules)
+    common.update(_given(args, "num_samples", "seq_len"))
+    if args.method == "basis-selection":
+        config, data = _basis_selection_job(args, common)
+        description = "basis-selection"
+    else:
+        from ..configs import RomConfig, SvdConfig
+
+        config_class = {"rom": RomConfig, "svd": SvdConfig}[args.method]
+        config = config_class(
+            allocation=args.allocation, num_trailing_blocks=args.num_trailing_blocks, **common
+        )
+        data = {"calibration": args.calibration or default_calibration_file(), "text_field": args.text_field}
+        description = f"{args.method} ({args.allocation})"
     optimizer = LowRankOptimizer.from_pretrained(args.model)
-    optimizer.compress(
-        config,
-        calibration=calibration,
-        save_dir=args.output,
-        text_field=args.text_field,
-        overwrite=args.overwrite,
-    )
+    optimizer.compress(config, save_dir=args.output, overwrite=args.overwrite, **data)
     report = optimizer.report
     print(
-        f"compressed {args.model} with {args.method} ({args.allocation}): {report.params_before:,} -> "
+        f"compressed {args.model} with {description}: {report.params_before:,} -> "
         f"{report.params_after:,} parameters ({report.ratio:.3f}), {report.factorized_modules} linears factorized, "
         f"{report.seconds:.1f} s; saved to {args.output}"
     )
+
+
+def _basis_selection_job(args: Namespace, common: dict) -> tuple:
+    """The config and the training pairs of ``--method basis-selection`` (checked before the model loads)."""
+    from ..configs import BasisSelectionConfig
+    from ..task_data import load_pairs, resolve_task_format, split_pairs
+
+    if args.task_data is None:
+        raise ValueError(
+            "--method basis-selection trains on the target application: give --task-data PATH "
+            "(a jsonl of prompt/answer records, e.g. GSM8K's train.jsonl)"
+        )
+    if args.calibration is not None:
+        raise ValueError("--calibration is for --method rom; basis-selection takes --task-data")
+    options = _given(
+        args,
+        "bases",
+        "num_rounds",
+        "steps_per_round",
+        "batch_size",
+        "new_rank",
+        "fine_tune_steps",
+        "gradient_checkpointing",
+    )
+    config = BasisSelectionConfig(**common, **options)
+    task = resolve_task_format(args.task, args.prompt_field, args.answer_field)
+    pairs = load_pairs(args.task_data, task)
+    if args.holdout:
+        pairs = split_pairs(pairs, args.holdout, seed=args.seed)[0]
+    return config, {"train_dataset": pairs}
+
+
+def _given(args: Namespace, *names: str) -> dict:
+    """Config keyword arguments for the options the user gave (the rest keep the config's defaults)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def evaluate(args: Namespace) -> None:
@@ -84,6 +115,8 @@ def evaluate(args: Namespace) -> None:
     files = {"wiki.test.raw": Path(args.data)} if args.data else {}
     if args.data and not Path(args.data).is_file():
         raise FileNotFoundError(f"--data file not found: {args.data}")
+    if args.task_data:
+        files.update(task_data_override(tasks, args.task_data))
     task_files(tasks, args.data_dir, files)  # every missing file is reported before the model loads
     options = EvaluationOptions(
         limit=args.limit,
@@ -92,6 +125,8 @@ def evaluate(args: Namespace) -> None:
         num_fewshot=args.num_fewshot,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
+        holdout=args.holdout,
+        holdout_seed=args.seed,
     )
     started = time.perf_counter()
     onnx = is_onnx_model_dir(args.model)  # an `optimum-cli rom export` directory runs on onnxruntime
@@ -124,6 +159,19 @@ def evaluate(args: Namespace) -> None:
     if args.output_json:
         write_json(Path(args.output_json), report)
         print(f"results written to {args.output_json}")
+
+
+def task_data_override(tasks: list[str], task_data: str) -> dict[str, Path]:
+    """``--task-data`` replaces the test file of the one answer-loss task that was asked for."""
+    from ..evaluation.suite import ANSWER_LOSS_TASKS, TASKS
+
+    chosen = [name for name in tasks if name in ANSWER_LOSS_TASKS]
+    if len(chosen) != 1:
+        raise ValueError(
+            f"--task-data is the prompt/answer file of one answer-loss task ({', '.join(ANSWER_LOSS_TASKS)}); "
+            f"--task asks for {len(chosen)} of them"
+        )
+    return {TASKS[chosen[0]].files[0]: Path(task_data)}
 
 
 def write_json(path: Path, data: dict) -> None:

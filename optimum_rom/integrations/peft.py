@@ -26,7 +26,11 @@ from ..layers import FactorizedLinear
 
 
 class LoraFactorizedLinear(LoraLinear):
-    """PEFT LoRA layer whose base layer is a :class:`FactorizedLinear`."""
+    """PEFT LoRA layer whose base layer is a :class:`FactorizedLinear` or another registered low-rank layer.
+
+    A low-rank layer (see :func:`register_low_rank_layer`) has ``in_features``/``out_features`` and
+    grows or shrinks its rank exactly with ``append_rank(down_rows, up_columns)`` / ``drop_last_rank(n)``.
+    """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs: Any) -> None:
         if config.use_dora or config.fan_in_fan_out:
@@ -40,24 +44,22 @@ class LoraFactorizedLinear(LoraLinear):
         return module.in_features, module.out_features
 
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
-        weight = base_layer.down.weight
+        weight = next(base_layer.parameters())
         return weight.device, weight.dtype
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Append each adapter to the factors as extra rank (exact)."""
+        """Append each adapter to the base layer as extra rank (exact)."""
         base = self.get_base_layer()
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.lora_A:
                 continue
             lora_a = self.lora_A[name].weight
             lora_b = self.lora_B[name].weight * self.scaling[name]
-            down = torch.cat([base.down.weight.data, lora_a.to(base.down.weight.dtype)], dim=0)
-            up = torch.cat([base.up.weight.data, lora_b.to(base.up.weight.dtype)], dim=1)
-            if safe_merge and not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+            if safe_merge and not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
                 raise ValueError(
                     f"NaNs detected in the merged weights. The adapter {name} seems to be broken"
                 )
-            _set_factors(base, down, up)
+            base.append_rank(lora_a.detach(), lora_b.detach())
             if self.lora_bias.get(name, False):
                 base.up.bias.data += self.lora_B[name].bias * self.scaling[name]
             self._merged_ranks.append(lora_a.shape[0])
@@ -67,9 +69,7 @@ class LoraFactorizedLinear(LoraLinear):
         base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            added = self._merged_ranks.pop()
-            keep = base.rank - added
-            _set_factors(base, base.down.weight.data[:keep].clone(), base.up.weight.data[:, :keep].clone())
+            base.drop_last_rank(self._merged_ranks.pop())
             if self.lora_bias.get(name, False):
                 base.up.bias.data -= self.lora_B[name].bias * self.scaling[name]
 
@@ -77,22 +77,26 @@ class LoraFactorizedLinear(LoraLinear):
         return "lora." + super().__repr__()
 
 
-def _set_factors(layer: FactorizedLinear, down: torch.Tensor, up: torch.Tensor) -> None:
-    layer.down.weight = nn.Parameter(down, requires_grad=layer.down.weight.requires_grad)
-    layer.up.weight = nn.Parameter(up, requires_grad=layer.up.weight.requires_grad)
-    layer.down.out_features = layer.up.in_features = down.shape[0]
+_LOW_RANK_LAYERS: list[type[nn.Module]] = [FactorizedLinear]
+
+
+def register_low_rank_layer(layer_type: type[nn.Module]) -> None:
+    """Let LoRA target ``layer_type`` through :class:`LoraFactorizedLinear` (idempotent)."""
+    if layer_type not in _LOW_RANK_LAYERS:
+        _LOW_RANK_LAYERS.append(layer_type)
 
 
 def install_peft_dispatch() -> None:
-    """Make every LoRA model register :class:`LoraFactorizedLinear` for factorized targets (idempotent)."""
+    """Make every LoRA model register :class:`LoraFactorizedLinear` for low-rank targets (idempotent)."""
     original = LoraModel._create_new_module
     if getattr(original, "_optimum_rom", False):
         return
 
     def create_new_module(lora_config, adapter_name, target, **kwargs):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if isinstance(base, FactorizedLinear) and FactorizedLinear not in (lora_config._custom_modules or {}):
-            lora_config._register_custom_module({FactorizedLinear: LoraFactorizedLinear})
+        layer_type = type(base)
+        if layer_type in _LOW_RANK_LAYERS and layer_type not in (lora_config._custom_modules or {}):
+            lora_config._register_custom_module({layer_type: LoraFactorizedLinear})
         return original(lora_config, adapter_name, target, **kwargs)
 
     create_new_module._optimum_rom = True

@@ -67,6 +67,22 @@ class FactorizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
 
+    def append_rank(self, down_rows: torch.Tensor, up_columns: torch.Tensor) -> None:
+        """Grow the rank exactly: ``down = [down; down_rows]``, ``up = [up, up_columns]`` (a merged LoRA adapter)."""
+        down = torch.cat([self.down.weight.data, down_rows.to(self.down.weight.dtype)], dim=0)
+        up = torch.cat([self.up.weight.data, up_columns.to(self.up.weight.dtype)], dim=1)
+        self._set_factors(down, up)
+
+    def drop_last_rank(self, count: int) -> None:
+        """Undo :meth:`append_rank`: remove the last ``count`` rank components."""
+        keep = self.rank - count
+        self._set_factors(self.down.weight.data[:keep].clone(), self.up.weight.data[:, :keep].clone())
+
+    def _set_factors(self, down: torch.Tensor, up: torch.Tensor) -> None:
+        self.down.weight = nn.Parameter(down, requires_grad=self.down.weight.requires_grad)
+        self.up.weight = nn.Parameter(up, requires_grad=self.up.weight.requires_grad)
+        self.down.out_features = self.up.in_features = down.shape[0]
+
     def dense_weight(self) -> torch.Tensor:
         """The equivalent dense weight ``up @ down`` (out x in), e.g. to de-factorize."""
         return self.up.weight @ self.down.weight

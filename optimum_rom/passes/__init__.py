@@ -4,17 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
-import torch
 from torch import nn
 
 from ..allocation import RankPlan
-from ..configs import LowRankConfig, RomConfig, SvdConfig
+from ..configs import BasisSelectionConfig, LowRankConfig, RomConfig, SvdConfig
+from .basis_selection import plan_basis_selection, run_basis_selection
 from .rom import check_calibration_size, plan_rom, run_rom
 from .svd import plan_svd, run_svd
 
 
-def _no_check(config: LowRankConfig, plan: RankPlan, input_ids: torch.Tensor | None) -> None:
+class PassData(Enum):
+    """What a pass consumes; the optimizer loads and checks it before any expensive work."""
+
+    NONE = "none"  # data-free: run(model, config, None, ...)
+    CALIBRATION = "calibration"  # token windows (samples, seq_len): run(model, config, input_ids, ...)
+    TASK = "train_dataset"  # tokenized prompt/answer examples: run(model, config, examples, ...)
+
+
+def _no_check(config: LowRankConfig, plan: RankPlan, data: object) -> None:
     return None
 
 
@@ -22,21 +31,27 @@ def _no_check(config: LowRankConfig, plan: RankPlan, input_ids: torch.Tensor | N
 class CompressionPass:
     """How the optimizer drives a method.
 
-    ``plan`` sizes the ranks before any work, ``check`` validates the calibration data against
-    the plan (both so bad input fails fast), ``run`` compresses in place. ``streams``: ``run``
-    accepts ``stream=`` and so works block by block on models that are not in memory.
+    ``plan`` sizes the ranks before any work, ``check`` validates the data against the plan
+    (both so bad input fails fast), ``run`` compresses in place. ``data`` says what ``run`` is
+    given. ``streams``: ``run`` accepts ``stream=`` and so works block by block on models that
+    are not in memory. ``resumable``: ``run`` takes ``work_dir=`` and continues from the state
+    it left there.
     """
 
     plan: Callable[[nn.Module, LowRankConfig], RankPlan]
     run: Callable[..., RankPlan]
-    check: Callable[[LowRankConfig, RankPlan, torch.Tensor | None], None] = _no_check
+    check: Callable[[LowRankConfig, RankPlan, object], None] = _no_check
+    data: PassData = PassData.CALIBRATION
     streams: bool = False
-    needs_calibration: bool = True
+    resumable: bool = False
 
 
 PASSES: dict[type[LowRankConfig], CompressionPass] = {
     RomConfig: CompressionPass(plan_rom, run_rom, check_calibration_size, streams=True),
-    SvdConfig: CompressionPass(plan_svd, run_svd, needs_calibration=False),
+    SvdConfig: CompressionPass(plan_svd, run_svd, data=PassData.NONE),
+    BasisSelectionConfig: CompressionPass(
+        plan_basis_selection, run_basis_selection, data=PassData.TASK, resumable=True
+    ),
 }
 
 

@@ -32,8 +32,10 @@ try:
             parser.add_argument(
                 "--method",
                 default="rom",
-                choices=["rom", "svd"],
-                help="compression method (svd: plain truncated SVD of the weights, the data-free baseline)",
+                choices=["rom", "svd", "basis-selection"],
+                help="rom: PCA of each linear's outputs on calibration text; svd: plain truncated SVD of the "
+                "weights (the data-free baseline); basis-selection: SVD bases selected by training on one "
+                "application's prompt/answer data (--task-data)",
             )
             parser.add_argument(
                 "--params-ratio",
@@ -56,8 +58,18 @@ try:
             parser.add_argument(
                 "--text-field", default="text", help="jsonl field(s) to read, e.g. question,answer"
             )
-            parser.add_argument("--num-samples", type=int, default=128, help="calibration sequences")
-            parser.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence")
+            parser.add_argument(
+                "--num-samples",
+                type=int,
+                default=None,
+                help="calibration sequences (rom, default 128) or training examples (basis-selection, default 1024)",
+            )
+            parser.add_argument(
+                "--seq-len",
+                type=int,
+                default=None,
+                help="tokens per calibration sequence (rom, default 128) or per prompt+answer (basis-selection, default 256)",
+            )
             parser.add_argument("--seed", type=int, default=0)
             parser.add_argument(
                 "--target-modules",
@@ -68,6 +80,48 @@ try:
             parser.add_argument(
                 "--overwrite", action="store_true", help="replace an existing output directory"
             )
+            basis = parser.add_argument_group("basis-selection")
+            basis.add_argument(
+                "--task-data", default=None, help="jsonl(.gz) of prompt/answer records to train on"
+            )
+            basis.add_argument(
+                "--task",
+                default="gsm8k",
+                choices=["gsm8k", "code"],
+                help="record format preset (default gsm8k)",
+            )
+            basis.add_argument("--prompt-field", default=None, help="record field holding the prompt")
+            basis.add_argument("--answer-field", default=None, help="record field holding the answer")
+            basis.add_argument(
+                "--holdout",
+                type=int,
+                default=0,
+                help="leave out this many records (seeded split_pairs, e.g. 500 for evaluation)",
+            )
+            basis.add_argument(
+                "--bases",
+                default=None,
+                choices=["activation", "svd"],
+                help="activation: SVD in the metric of the task's activations (default); svd: of the weights",
+            )
+            basis.add_argument("--num-rounds", type=int, default=None, help="pruning rounds (default 6)")
+            basis.add_argument(
+                "--steps-per-round", type=int, default=None, help="training steps per round (default 6)"
+            )
+            basis.add_argument("--batch-size", type=int, default=None, help="examples per step (default 4)")
+            basis.add_argument("--new-rank", type=int, default=None, help="new bases per matrix (default 8)")
+            basis.add_argument(
+                "--fine-tune-steps",
+                type=int,
+                default=None,
+                help="LoRA fine-tune steps after merging (default 0)",
+            )
+            basis.add_argument(
+                "--gradient-checkpointing",
+                action="store_true",
+                default=None,
+                help="less training memory, more time",
+            )
 
     class RomEvaluateCommand(_RomLeafCommand):
         @staticmethod
@@ -77,7 +131,7 @@ try:
                 "--task",
                 default="wikitext2",
                 help="comma-separated tasks: wikitext2, boolq, piqa, hellaswag, winogrande, arc_easy, "
-                "arc_challenge, openbookqa, gsm8k, gsm8k_loss, humaneval",
+                "arc_challenge, openbookqa, gsm8k, gsm8k_loss, code_loss, humaneval",
             )
             parser.add_argument(
                 "--data-dir",
@@ -98,6 +152,18 @@ try:
                 help="generation cap for gsm8k / humaneval (default 256 / 384)",
             )
             parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+            parser.add_argument(
+                "--task-data",
+                default=None,
+                help="prompt/answer jsonl scored by gsm8k_loss or code_loss (instead of the one in --data-dir)",
+            )
+            parser.add_argument(
+                "--holdout",
+                type=int,
+                default=0,
+                help="gsm8k_loss/code_loss: score only the records `compress --holdout N` left out (same --seed)",
+            )
+            parser.add_argument("--seed", type=int, default=0, help="seed of the --holdout split")
             parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
             parser.add_argument(
                 "--max-windows", type=int, default=None, help="score at most this many windows"

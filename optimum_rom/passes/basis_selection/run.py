@@ -1,0 +1,129 @@
+"""The Basis Selection pass: prune in rounds while training coefficients and new bases on the task.
+
+Round ``t`` of ``N``: every matrix prunes its smallest-coefficient bases down to the cubic
+schedule's count for ``t``, then ``steps_per_round`` optimizer steps train the coefficients of
+the survivors and the new bases on the answer tokens of the target data. The last round prunes
+to the final count, so its steps adapt the model at its final size. Kept and new bases are then
+merged and re-factorized into FactorizedLinear layers at exactly the planned ranks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...allocation import RankPlan
+from ...configs import BasisSelectionConfig
+from .model import (
+    add_factor_adapters,
+    add_new_bases,
+    attach_basis_layers,
+    kept_bases,
+    merge_adapters,
+    merge_into_factorized,
+    new_bases_ranks,
+    plan_basis_selection,
+    token_windows,
+    trainable_parameters,
+)
+from .state import load_round, restore_round, run_fingerprint, save_round
+from .training import train_steps, training_mode
+
+
+def run_basis_selection(
+    model: nn.Module,
+    config: BasisSelectionConfig,
+    examples: list[dict[str, torch.Tensor]],
+    plan: RankPlan | None = None,
+    progress: bool = True,
+    work_dir: str | Path | None = None,
+) -> RankPlan:
+    """Compress ``model`` in place for the task ``examples`` (tokenized, answer-only labels).
+
+    With a ``work_dir``, the state after every round is kept there and a rerun of the same job
+    continues after the last completed round.
+    """
+    plan = plan or plan_basis_selection(model, config)
+    if not plan.ranks:
+        return plan
+    work_dir = None if work_dir is None else Path(work_dir)
+    fingerprint = run_fingerprint(model, config, examples) if work_dir else ""
+    saved = load_round(work_dir, fingerprint) if work_dir else None
+    windows = None
+    if config.bases == "activation":
+        windows = token_windows(examples, config.calibration_windows, config.seq_len)
+    layers = attach_basis_layers(model, list(plan.ranks), windows, progress)
+    new_ranks = new_bases_ranks(plan.ranks, config.new_rank)
+    full = {name: layer.rank for name, layer in layers.items()}
+    target = {name: plan.ranks[name] - new_ranks[name] for name in layers}
+    steps = config.steps_per_round
+    with training_mode(model, config.gradient_checkpointing):
+        peft_model = add_new_bases(model, new_ranks, layers)
+        new_bases = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+        completed = 0
+        if saved is not None:
+            completed, tensors = saved
+            restore_round(tensors, layers, new_bases)
+        bar = tqdm(
+            total=config.num_rounds * steps,
+            initial=completed * steps,
+            desc="basis selection",
+            unit="step",
+            disable=not progress,
+        )
+        with bar:
+            for round_index in range(completed + 1, config.num_rounds + 1):
+                for name, layer in layers.items():
+                    layer.prune_to(kept_bases(full[name], target[name], round_index, config.num_rounds))
+                kept = sum(layer.rank for layer in layers.values()) / sum(full.values())
+                param_groups = [
+                    {
+                        "params": [layer.coefficient_root for layer in layers.values()],
+                        "lr": config.learning_rate,
+                    },
+                    {"params": list(new_bases.values()), "lr": config.new_bases_learning_rate},
+                ]
+                train_steps(
+                    peft_model,
+                    param_groups,
+                    examples,
+                    first_step=(round_index - 1) * steps,
+                    steps=steps,
+                    batch_size=config.batch_size,
+                    seed=config.seed,
+                    bar=bar,
+                    status={"round": f"{round_index}/{config.num_rounds}", "bases": f"{kept:.0%}"},
+                )
+                if work_dir:
+                    save_round(work_dir, fingerprint, round_index, layers, new_bases)
+        model = merge_into_factorized(peft_model, layers)
+        if config.fine_tune_steps:
+            fine_tune(model, config, examples, first_step=config.num_rounds * steps, progress=progress)
+    return plan
+
+
+def fine_tune(
+    model: nn.Module,
+    config: BasisSelectionConfig,
+    examples: list[dict[str, torch.Tensor]],
+    first_step: int,
+    progress: bool = True,
+) -> None:
+    """The optional second stage: LoRA on the factors, trained on the task, merged (sizes unchanged)."""
+    peft_model = add_factor_adapters(model, config.fine_tune_rank)
+    param_groups = [{"params": trainable_parameters(peft_model), "lr": config.fine_tune_learning_rate}]
+    with tqdm(total=config.fine_tune_steps, desc="fine-tune", unit="step", disable=not progress) as bar:
+        train_steps(
+            peft_model,
+            param_groups,
+            examples,
+            first_step=first_step,
+            steps=config.fine_tune_steps,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            bar=bar,
+        )
+    merge_adapters(peft_model)
