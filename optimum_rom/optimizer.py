@@ -150,11 +150,11 @@ class LowRankOptimizer(OptimumQuantizer):
             config.calibration = describe_source(calibration)
         else:  # data-free (e.g. SVD)
             data = calibration = config.calibration = None
-        streamed = save_dir is not None and self._model is None and compression_pass.streams
+        streamed = save_dir is not None and self._model is None and compression_pass.streams(config)
         lazy = LazyCheckpoint(self.source) if streamed else None
         model = lazy.model if streamed else self.model
         check_compressible(model)
-        plan = compression_pass.plan(model, config)
+        plan = compression_pass.plan(model, config, data, progress)
         compression_pass.check(config, plan, data)
         if compression_pass.resumable and work_dir is None and save_dir is not None:
             work_dir = default_work_dir(save_dir)

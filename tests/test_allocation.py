@@ -1,7 +1,8 @@
 import pytest
+import torch
 
 from optimum_rom import RomConfig
-from optimum_rom.allocation import UnreachableTargetError, rank_for_budget
+from optimum_rom.allocation import UnreachableTargetError, plan_by_damage, rank_for_budget
 from optimum_rom.passes.rom import plan_rom
 from optimum_rom.structure import count_parameters, find_linear_sites
 
@@ -23,6 +24,38 @@ def test_params_ratio_is_reached_within_one_percent(arch, allocation, ratio):
     plan = plan_rom(model, RomConfig(params_ratio=ratio, allocation=allocation))
     assert plan.kept_params <= ratio * count_parameters(model)
     assert plan.ratio == pytest.approx(ratio, rel=0.01)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_adaptive_allocation_measures_the_model_and_reaches_the_target(arch):
+    model = tiny_model(arch)
+    input_ids = torch.randint(
+        0, model.config.vocab_size, (16, 32), generator=torch.Generator().manual_seed(0)
+    )
+    plan = plan_rom(model, RomConfig(params_ratio=0.7, allocation="adaptive"), input_ids, progress=False)
+    assert plan.kept_params <= 0.7 * count_parameters(model)
+    assert plan.ratio == pytest.approx(0.7, rel=0.01)
+    assert len(set(plan.ranks.values())) > 1  # not uniform
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())  # measuring left no trace
+
+
+def test_adaptive_allocation_needs_calibration_data():
+    with pytest.raises(ValueError, match="calibration data"):
+        plan_rom(tiny_model("llama"), RomConfig(params_ratio=0.7, allocation="adaptive"))
+
+
+def test_the_budget_goes_where_truncation_hurts_most():
+    model = tiny_model("llama")
+    sites = [s for s in find_linear_sites(model) if s.name.endswith("q_proj")][:2]
+    fixed = count_parameters(model) - sum(s.dense_params for s in sites)
+    total = fixed + sum(s.dense_params for s in sites)
+    spectrum = torch.linspace(1.0, 0.1, 65, dtype=torch.float64)
+    spectrum[-1] = 0
+    damage = {sites[0].name: spectrum, sites[1].name: 10 * spectrum}  # the second hurts 10x more
+    ratio = (fixed + 0.6 * sum(s.dense_params for s in sites)) / total
+    plan = plan_by_damage(sites, total, ratio, True, damage)
+    assert plan.ranks.get(sites[1].name, 10**9) > plan.ranks[sites[0].name]
+    assert plan.kept_params <= ratio * total
 
 
 def test_paper_allocation_compresses_only_trailing_blocks():

@@ -158,7 +158,13 @@ def test_new_options_are_validated():
 
 
 @pytest.mark.parametrize(
-    "options", [dict(target="dense"), dict(refine_epochs=2), dict(target="dense", refine_epochs=1)]
+    "options",
+    [
+        dict(target="dense"),
+        dict(refine_epochs=2),
+        dict(target="dense", refine_epochs=1),
+        dict(allocation="adaptive", target="dense"),
+    ],
 )
 def test_error_correcting_and_refined_compression_end_to_end(options, model_dir, calibration_file, tmp_path):
     config = RomConfig(params_ratio=0.7, num_samples=16, seq_len=32, **options)

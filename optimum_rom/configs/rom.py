@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .base import LowRankConfig
 
-ALLOCATIONS = ("uniform", "paper")
+ALLOCATIONS = ("uniform", "paper", "adaptive")
 TARGETS = ("local", "dense")
 
 
@@ -18,6 +18,9 @@ class RomConfig(LowRankConfig):
         allocation: how the parameter budget is spread over the blocks.
             ``"uniform"``: every block, the same per-matrix budget.
             ``"paper"``: only the trailing blocks, as the paper does (its leading blocks stay dense).
+            ``"adaptive"``: each linear's rank from its measured damage (output spectrum weighted by
+            the loss gradient at its output), spending the budget where it hurts least; some
+            linears stay dense. Needs the model in memory (no streaming).
         num_trailing_blocks: for ``"paper"``: how many trailing blocks to compress. ``None``
             picks the count at which each compressed matrix keeps about half of its parameters,
             which is what the paper's 80% LLaMA-7B setting amounts to.

@@ -6,12 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from torch import nn
-
 from ..allocation import RankPlan
 from ..configs import BasisSelectionConfig, LowRankConfig, RomConfig, SvdConfig
 from .basis_selection import plan_basis_selection, run_basis_selection
-from .rom import check_calibration_size, plan_rom, run_rom
+from .rom import check_calibration_size, plan_rom, run_rom, streams_rom
 from .svd import plan_svd, run_svd
 
 
@@ -27,27 +25,32 @@ def _no_check(config: LowRankConfig, plan: RankPlan, data: object) -> None:
     return None
 
 
+def _never(config: LowRankConfig) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class CompressionPass:
     """How the optimizer drives a method.
 
-    ``plan`` sizes the ranks before any work, ``check`` validates the data against the plan
-    (both so bad input fails fast), ``run`` compresses in place. ``data`` says what ``run`` is
-    given. ``streams``: ``run`` accepts ``stream=`` and so works block by block on models that
-    are not in memory. ``resumable``: ``run`` takes ``work_dir=`` and continues from the state
+    ``plan`` sizes the ranks (from the config, or measured on the data), ``check`` validates
+    the data against the plan (both before the compression, so bad input fails fast), ``run``
+    compresses in place. ``data`` says what ``plan`` and ``run`` are given. ``streams(config)``:
+    ``run`` accepts ``stream=`` for this config and so works block by block on models that are
+    not in memory. ``resumable``: ``run`` takes ``work_dir=`` and continues from the state
     it left there.
     """
 
-    plan: Callable[[nn.Module, LowRankConfig], RankPlan]
+    plan: Callable[..., RankPlan]
     run: Callable[..., RankPlan]
     check: Callable[[LowRankConfig, RankPlan, object], None] = _no_check
     data: PassData = PassData.CALIBRATION
-    streams: bool = False
+    streams: Callable[[LowRankConfig], bool] = _never
     resumable: bool = False
 
 
 PASSES: dict[type[LowRankConfig], CompressionPass] = {
-    RomConfig: CompressionPass(plan_rom, run_rom, check_calibration_size, streams=True),
+    RomConfig: CompressionPass(plan_rom, run_rom, check_calibration_size, streams=streams_rom),
     SvdConfig: CompressionPass(plan_svd, run_svd, data=PassData.NONE),
     BasisSelectionConfig: CompressionPass(
         plan_basis_selection, run_basis_selection, data=PassData.TASK, resumable=True

@@ -17,17 +17,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..allocation import RankPlan, plan_model
+from ..allocation import RankPlan, plan_by_damage, plan_model
+from ..calibration.sensitivity import measure_damage
 from ..calibration.statistics import CrossMoments, LinearStatistics, collect_block_statistics
 from ..calibration.walker import BlockStream, walk_blocks
 from ..configs import RomConfig
 from ..layers import FactorizedLinear
 from ..refinement import refine_block
-from ..structure import find_linear_sites, set_module
+from ..structure import count_parameters, find_linear_sites, set_module
 
 
-def plan_rom(model: nn.Module, config: RomConfig) -> RankPlan:
-    """Ranks for every linear, from the config's size target and allocation mode (no calibration needed)."""
+def plan_rom(
+    model: nn.Module, config: RomConfig, input_ids: torch.Tensor | None = None, progress: bool = True
+) -> RankPlan:
+    """Ranks for every linear, from the config's size target and allocation mode.
+
+    ``"adaptive"`` measures every linear's damage curve on ``input_ids`` first (a dense pass,
+    see optimum_rom.calibration.sensitivity); the other modes need no data.
+    """
+    if config.allocation == "adaptive":
+        if input_ids is None:
+            raise ValueError("allocation='adaptive' measures the model on calibration data: pass input_ids")
+        sites = find_linear_sites(model, config.target_modules)
+        damage = measure_damage(model, input_ids, sites, config.center, progress)
+        return plan_by_damage(sites, count_parameters(model), config.params_ratio, config.center, damage)
     return plan_model(
         model,
         config.params_ratio,
@@ -50,7 +63,7 @@ def run_rom(
 
     With a ``stream`` the blocks are loaded and saved one at a time (see optimum_rom.streaming).
     """
-    plan = plan or plan_rom(model, config)
+    plan = plan or plan_rom(model, config, input_ids, progress)
     by_block: dict[int, dict[str, int]] = {}
     for site in find_linear_sites(model, config.target_modules):
         if site.name in plan.ranks:
@@ -73,6 +86,11 @@ def run_rom(
             if targets is not None:
                 refine_block(step, targets, config.refine_epochs, seed=config.seed)
     return plan
+
+
+def streams_rom(config: RomConfig) -> bool:
+    """Whether a ROM run can stream the model block by block (adaptive allocation needs it whole)."""
+    return config.allocation != "adaptive"
 
 
 def check_calibration_size(config: RomConfig, plan: RankPlan, input_ids: torch.Tensor) -> None:

@@ -18,7 +18,7 @@ from ..layers import FactorizedLinear
 from ..structure import set_module
 
 
-def plan_svd(model: nn.Module, config: SvdConfig) -> RankPlan:
+def plan_svd(model: nn.Module, config: SvdConfig, data: None = None, progress: bool = True) -> RankPlan:
     return plan_model(
         model,
         config.params_ratio,

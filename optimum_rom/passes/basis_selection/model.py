@@ -22,7 +22,9 @@ from ...structure import LinearSite, count_parameters, find_blocks, find_linear_
 from .layer import BasisLinear
 
 
-def plan_basis_selection(model: nn.Module, config: BasisSelectionConfig) -> RankPlan:
+def plan_basis_selection(
+    model: nn.Module, config: BasisSelectionConfig, data: object = None, progress: bool = True
+) -> RankPlan:
     """Final rank of every linear (kept + new bases) for the size target (no training needed)."""
     sites = find_linear_sites(model, config.target_modules)
     head = untied_output_head(model) if config.include_lm_head else None

@@ -1,0 +1,114 @@
+"""What truncating each linear costs the model: the damage curves adaptive allocation spends against.
+
+Cutting a linear to rank ``r`` changes its outputs by the tail of its output spectrum: on the
+calibration data the mean squared error is ``tail(r) = sum_{i >= r} lambda_i`` (the eigenvalues
+of the output covariance ROM diagonalizes). How much that error costs depends on where the
+layer sits. To second order the loss grows by the error weighted by the curvature, which the
+empirical Fisher approximates by the squared gradient of the loss at the layer's output. With
+one number per linear, the mean squared gradient per output element ``g2``, the expected loss
+increase of rank ``r`` is ``g2 * tail(r)``.
+
+Measured on SmolLM2-135M at params ratio 0.8 (WikiText-2, 20 windows of 512 tokens):
+uniform allocation 154.5, this estimate 85.9, and the spectrum alone (``tail(r) / tail(0)``,
+no gradient) 266.7; it keeps early and value/key projections dense, where errors travel far.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..structure import LinearSite
+from .statistics import collect_block_statistics
+from .walker import walk_blocks
+
+GRADIENT_SAMPLES = 32  # sequences for the gradient pass (its cost: one forward + backward each)
+GRADIENT_BATCH = 8
+
+
+def measure_damage(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    sites: list[LinearSite],
+    center: bool = True,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """``damage[name][r]``: estimated loss increase of keeping rank ``r`` of that linear (float64).
+
+    Two passes over the dense model: a forward/backward on a few calibration sequences for
+    the output gradients, and the block-by-block walk for the output spectra.
+    """
+    gradients = mean_squared_output_gradients(model, input_ids[:GRADIENT_SAMPLES], sites)
+    spectra = output_spectra(model, input_ids, sites, center, progress)
+    damage = {}
+    for site in sites:
+        values = spectra[site.name]
+        tail = torch.cat([values.flip(0).cumsum(0).flip(0), values.new_zeros(1)])
+        damage[site.name] = tail * gradients[site.name]
+    return damage
+
+
+def mean_squared_output_gradients(
+    model: nn.Module, input_ids: torch.Tensor, sites: list[LinearSite]
+) -> dict[str, float]:
+    """Mean over tokens and output features of (d loss / d output)^2, per linear.
+
+    Gradients flow from an embedding input that requires them; the weights are frozen for the
+    pass, so no weight gradient (a model-sized buffer) is ever allocated.
+    """
+    totals = {site.name: 0.0 for site in sites}
+    counts = dict.fromkeys(totals, 0)
+
+    def make_hook(name: str):
+        def hook(module, grad_input, grad_output):
+            gradient = grad_output[0].detach()
+            totals[name] += gradient.double().pow(2).sum().item()
+            counts[name] += gradient.numel()
+
+        return hook
+
+    hooks = [model.get_submodule(s.name).register_full_backward_hook(make_hook(s.name)) for s in sites]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    embeddings = model.get_input_embeddings()
+    try:
+        for parameter in trainable:
+            parameter.requires_grad_(False)
+        for batch in input_ids.split(GRADIENT_BATCH):
+            batch = batch.to(embeddings.weight.device)
+            inputs = embeddings(batch).detach().requires_grad_()
+            model(inputs_embeds=inputs, labels=batch, use_cache=False).loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+    return {name: totals[name] / max(counts[name], 1) for name in totals}
+
+
+def output_spectra(
+    model: nn.Module, input_ids: torch.Tensor, sites: list[LinearSite], center: bool, progress: bool
+) -> dict[str, torch.Tensor]:
+    """Eigenvalues (descending) of each linear's output covariance on the calibration data.
+
+    Where a linear's statistics are measured at its (narrower) input, the spectrum of ``W C W^T``
+    is read from ``(W L)^T (W L)`` with ``L L^T = C``: the same nonzero eigenvalues.
+    """
+    by_block: dict[int, list[str]] = {}
+    for site in sites:
+        by_block.setdefault(site.block, []).append(site.name)
+    spectra = {}
+    with torch.no_grad():
+        for step in walk_blocks(model, input_ids, desc="sensitivity", progress=progress):
+            linears = {name: model.get_submodule(name) for name in by_block.get(step.index, [])}
+            statistics = collect_block_statistics(step, linears)
+            for name, linear in linears.items():
+                measured = statistics[name]
+                if measured.site == "output":
+                    covariance = measured.second_moment(center)
+                else:
+                    product = linear.weight.double() @ measured.input_root(center)
+                    tall = product.shape[0] > product.shape[1]
+                    covariance = product.T @ product if tall else product @ product.T
+                values = torch.linalg.eigvalsh((covariance + covariance.T) / 2)
+                spectra[name] = values.flip(0).clamp(min=0)
+    return spectra
