@@ -48,6 +48,23 @@ def test_compress_then_evaluate(model_dir, calibration_file, tmp_path):
     assert "perplexity" in result.stdout
 
 
+def test_auto_preset_with_healing(model_dir, calibration_file, tmp_path):
+    result = optimum_cli(
+        "rom", "compress", "--model", model_dir("llama"), "--preset", "auto", "--params-ratio", 0.7,
+        "--heal-minutes", 0.02, "--calibration", calibration_file, "--num-samples", 8, "--seq-len", 32,
+        "--output", tmp_path / "rom",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "with rom (adaptive)" in result.stdout
+    saved = json.loads((tmp_path / "rom" / "config.json").read_text())["quantization_config"]
+    assert (saved["allocation"], saved["target"], saved["heal_minutes"]) == ("adaptive", "dense", 0.02)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "rom")
+    assert (
+        model.num_parameters()
+        <= 0.7 * 1.01 * AutoModelForCausalLM.from_pretrained(model_dir("llama")).num_parameters()
+    )
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -8,6 +8,13 @@ from .base import LowRankConfig
 
 ALLOCATIONS = ("uniform", "paper", "adaptive")
 TARGETS = ("local", "dense")
+# Named settings, measured on SmolLM2-135M (see the README's quality table). "auto" is the best
+# combination without the time budget, which the user chooses (heal_minutes).
+PRESETS: dict[str, dict[str, object]] = {
+    "auto": {"allocation": "adaptive", "target": "dense"},
+    "paper": {"allocation": "paper", "target": "local"},
+    "uniform": {"allocation": "uniform", "target": "local"},
+}
 
 
 @dataclass
@@ -67,6 +74,13 @@ class RomConfig(LowRankConfig):
             raise ValueError(
                 f"num_trailing_blocks must be a positive integer or None, got {self.num_trailing_blocks!r}"
             )
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: object) -> RomConfig:
+        """A named setting (``"auto"``: the best measured combination), with explicit overrides."""
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[preset], **overrides})
 
     def factorized_bias(self, dense_has_bias: bool) -> bool:
         return self.center or dense_has_bias

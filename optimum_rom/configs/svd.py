@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import LowRankConfig
-from .rom import ALLOCATIONS
 
 
 @dataclass
@@ -23,8 +22,9 @@ class SvdConfig(LowRankConfig):
     allocation: str = "uniform"
     num_trailing_blocks: int | None = None
     quant_method: str = "svd"
+    allocations = ("uniform", "paper")  # adaptive allocation measures data; SVD is data-free
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.allocation not in self.allocations:
+            raise ValueError(f"allocation must be one of {self.allocations}, got {self.allocation!r}")

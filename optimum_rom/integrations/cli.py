@@ -53,12 +53,14 @@ def compress(args: Namespace) -> None:
     else:
         from ..configs import RomConfig, SvdConfig
 
-        config_class = {"rom": RomConfig, "svd": SvdConfig}[args.method]
-        config = config_class(
-            allocation=args.allocation, num_trailing_blocks=args.num_trailing_blocks, **common
-        )
+        placement = _given(args, "allocation", "num_trailing_blocks")
+        if args.method == "svd":
+            config = SvdConfig(**placement, **common)
+        else:
+            rom_options = _given(args, "target", "refine_epochs", "heal_minutes", "heal_distill")
+            config = RomConfig.from_preset(args.preset, **placement, **rom_options, **common)
         data = {"calibration": args.calibration or default_calibration_file(), "text_field": args.text_field}
-        description = f"{args.method} ({args.allocation})"
+        description = f"{args.method} ({config.allocation})"
     optimizer = LowRankOptimizer.from_pretrained(args.model)
     optimizer.compress(config, save_dir=args.output, overwrite=args.overwrite, **data)
     report = optimizer.report

@@ -43,7 +43,41 @@ try:
                 default=0.8,
                 help="fraction of parameters kept (0.8 removes 20%%)",
             )
-            parser.add_argument("--allocation", default="uniform", choices=["uniform", "paper"])
+            parser.add_argument(
+                "--preset",
+                default="uniform",
+                choices=["auto", "paper", "uniform"],
+                help="rom: auto = adaptive allocation + error-correcting targets (the best measured; "
+                "add --heal-minutes for healing); paper / uniform = the paper's allocations (default uniform)",
+            )
+            parser.add_argument(
+                "--allocation",
+                default=None,
+                choices=["uniform", "paper", "adaptive"],
+                help="overrides the preset's: adaptive spends the budget where measured damage is smallest",
+            )
+            parser.add_argument(
+                "--target",
+                default=None,
+                choices=["local", "dense"],
+                help="rom: fit each layer to its own outputs (local, the paper) or the dense model's (dense)",
+            )
+            parser.add_argument(
+                "--refine-epochs", type=int, default=None, help="rom: epochs of block-output refinement"
+            )
+            parser.add_argument(
+                "--heal-minutes",
+                type=float,
+                default=None,
+                help="rom: LoRA fine-tune for this many minutes after compressing, merged (0 = off)",
+            )
+            parser.add_argument(
+                "--no-heal-distill",
+                dest="heal_distill",
+                action="store_false",
+                default=None,
+                help="heal on the text's next tokens instead of the dense model's distribution",
+            )
             parser.add_argument(
                 "--num-trailing-blocks",
                 type=int,
