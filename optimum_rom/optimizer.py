@@ -20,7 +20,7 @@ from .integrations.transformers import attach_quantizer
 from .model_sources import load_causal_lm, load_model, resolve_model_path
 from .passes import PassData, pass_for
 from .streaming import LazyCheckpoint, compress_streaming
-from .structure import check_compressible, count_parameters
+from .structure import check_compressible, check_materialized, count_parameters
 from .task_data import TaskFormat, TaskSource, describe_task_source, load_task_source, training_examples
 
 # Healing draws its own windows from the calibration source: more text than calibration needs
@@ -154,6 +154,8 @@ class LowRankOptimizer(OptimumQuantizer):
         lazy = LazyCheckpoint(self.source) if streamed else None
         model = lazy.model if streamed else self.model
         check_compressible(model)
+        if not streamed:
+            check_materialized(model)
         plan = compression_pass.plan(model, config, data, progress)
         compression_pass.check(config, plan, data)
         if compression_pass.resumable and work_dir is None and save_dir is not None:

@@ -130,3 +130,18 @@ def check_compressible(model: nn.Module) -> None:
     for name, parameter in model.named_parameters():
         if not parameter.is_floating_point():
             raise ValueError(f"{name} has {parameter.dtype} weights; optimum-rom needs float weights")
+
+
+def check_materialized(model: nn.Module) -> None:
+    """Refuse a model whose weights are offloaded (on the meta device, loaded by accelerate hooks).
+
+    The passes read weights directly, not only through forward calls; streaming from the
+    model's directory is optimum-rom's own offload, one block in memory at a time.
+    """
+    for name, parameter in model.named_parameters():
+        if parameter.device.type == "meta":
+            raise ValueError(
+                f"{name} is on the meta device (offloaded): optimum-rom reads the weights themselves. Pass the "
+                "model's directory instead (LowRankOptimizer.from_pretrained(path)); with save_dir the "
+                "compression then streams it block by block from disk"
+            )
