@@ -90,6 +90,51 @@ def test_a_killed_run_resumes_and_produces_the_identical_checkpoint(model_dir, c
     assert digest(tmp_path / "out") == digest(tmp_path / "uninterrupted")
 
 
+CTRL_C_AFTER_SECOND_BLOCK = textwrap.dedent(
+    """
+    import sys
+    from argparse import Namespace
+    import optimum_rom.streaming as streaming
+    from optimum_rom.integrations.cli import run_command
+
+    done = streaming.StreamingBlocks.done
+    def done_then_interrupt(self, index, *args):
+        done(self, index, *args)
+        if index == 1:
+            raise KeyboardInterrupt
+    streaming.StreamingBlocks.done = done_then_interrupt
+    model, calibration, output = sys.argv[1:]
+    args = Namespace(
+        model=model, output=output, method="rom", preset="uniform", params_ratio=0.7, allocation=None,
+        num_trailing_blocks=None, target=None, refine_epochs=None, heal_minutes=None, heal_distill=None,
+        calibration=calibration, text_field="text", num_samples=8, seq_len=32, seed=0, target_modules=None,
+        overwrite=False,
+    )
+    run_command("compress", args)
+    """
+)
+
+
+def test_ctrl_c_says_how_to_continue(model_dir, calibration_file, tmp_path):
+    interrupted = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CTRL_C_AFTER_SECOND_BLOCK,
+            model_dir("llama"),
+            calibration_file,
+            tmp_path / "out",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert interrupted.returncode == 130, interrupted.stderr
+    assert f"the finished work is kept in {tmp_path / '.out.partial'}" in interrupted.stderr
+    assert "run the same command again to continue" in interrupted.stderr
+    assert "Traceback" not in interrupted.stderr
+
+
 def test_a_partial_run_with_other_settings_is_started_afresh(model_dir, calibration_file, tmp_path):
     partial = tmp_path / ".out.partial"
     partial.mkdir()

@@ -35,6 +35,20 @@ def run_command(name: str, args: Namespace) -> None:
             raise
         print(f"optimum-cli rom {name}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"optimum-cli rom {name}: interrupted; {_resume_hint(args)}", file=sys.stderr)
+        sys.exit(130)
+
+
+def _resume_hint(args: Namespace) -> str:
+    """What an interrupted command left: resumable progress next to its output, or nothing."""
+    output = getattr(args, "output", None)
+    if output is not None:
+        output = Path(output)
+        for kept in (output.parent / f".{output.name}.partial", output.parent / f".{output.name}.work"):
+            if kept.is_dir() and any(kept.iterdir()):
+                return f"the finished work is kept in {kept}: run the same command again to continue from it"
+    return f"nothing was written{f' to {output}' if output else ''}"
 
 
 def default_calibration_file() -> Path:
