@@ -54,6 +54,10 @@ METHODS: dict[str, Callable[..., LowRankConfig]] = {
     "rom-paper": lambda ratio, **calib: RomConfig(params_ratio=ratio, allocation="paper", **calib),
     "rom-uniform": lambda ratio, **calib: RomConfig(params_ratio=ratio, allocation="uniform", **calib),
     "svd": lambda ratio, **calib: SvdConfig(params_ratio=ratio),
+    "rom-auto": lambda ratio, **calib: RomConfig.from_preset("auto", params_ratio=ratio, **calib),
+    "rom-auto-heal15": lambda ratio, **calib: RomConfig.from_preset(
+        "auto", params_ratio=ratio, heal_minutes=15, **calib
+    ),
 }
 DEFAULT_TASKS = ["wikitext2", *ZERO_SHOT_TASKS, "gsm8k_loss"]
 GSM8K_HELD_OUT = 500  # the held-out split the application-specific pass does not train on

@@ -57,7 +57,7 @@ def test_auto_preset_with_healing(model_dir, calibration_file, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "with rom (adaptive)" in result.stdout
     saved = json.loads((tmp_path / "rom" / "config.json").read_text())["quantization_config"]
-    assert (saved["allocation"], saved["target"], saved["heal_minutes"]) == ("adaptive", "dense", 0.02)
+    assert (saved["allocation"], saved["target"], saved["heal_minutes"]) == ("adaptive", "local", 0.02)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "rom")
     assert (
         model.num_parameters()

@@ -106,7 +106,7 @@ def check_calibration_size(config: RomConfig, plan: RankPlan, input_ids: torch.T
 
 
 def rom_factorize(
-    linear: nn.Linear, stats: LinearStatistics, rank: int, center: bool = True, ridge: float = 1e-4
+    linear: nn.Linear, stats: LinearStatistics, rank: int, center: bool = True, ridge: float = 1e-3
 ) -> FactorizedLinear:
     """Replace one linear by its rank-``rank`` ROM factorization.
 
@@ -154,10 +154,8 @@ def corrected_factors(
     When ``x = z`` (no error upstream) this is exactly the plain ROM factorization.
     """
     covariance = moments.covariance()
-    # The ridge scales with each feature's own variance: hidden states have a few features
-    # orders of magnitude larger than the rest, and one shared ridge sized by them would
-    # shrink every ordinary feature's weight (measured: perplexity ~5,000 instead of ~100).
-    lower = torch.linalg.cholesky(covariance + torch.diag(ridge * covariance.diagonal()))
+    scale = ridge * covariance.diagonal().mean()
+    lower = torch.linalg.cholesky(covariance + scale * torch.eye(len(covariance), dtype=covariance.dtype))
     whitened_cross = torch.linalg.solve_triangular(
         lower, moments.cross_covariance(), upper=False
     )  # L^-1 C_xz
