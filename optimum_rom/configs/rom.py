@@ -11,7 +11,7 @@ TARGETS = ("local", "dense")
 # Named settings, measured on SmolLM2-135M (see the README's quality table). "auto" is the best
 # combination without the time budget, which the user chooses (heal_minutes).
 PRESETS: dict[str, dict[str, object]] = {
-    "auto": {"allocation": "adaptive", "target": "local"},
+    "auto": {"allocation": "adaptive", "target": "local", "refine_epochs": 2},
     "paper": {"allocation": "paper", "target": "local"},
     "uniform": {"allocation": "uniform", "target": "local"},
 }

@@ -47,7 +47,7 @@ try:
                 "--preset",
                 default="uniform",
                 choices=["auto", "paper", "uniform"],
-                help="rom: auto = adaptive allocation (the best measured; "
+                help="rom: auto = adaptive allocation + 2 epochs of block refinement (the best measured; "
                 "add --heal-minutes for healing); paper / uniform = the paper's allocations (default uniform)",
             )
             parser.add_argument(
