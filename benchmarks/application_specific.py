@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/application_specific.py                       # ratios 0.8 and 0.6
     .venv/bin/python benchmarks/application_specific.py --ratios 0.8 --svd-bases
 
-For SmolLM2-135M-Instruct and each params ratio it compresses the model with ROM (uniform and
-paper allocation, calibrated on GSM8K train text) and with Basis Selection (trained on GSM8K
-train), then measures every model, the dense one included, on
+For SmolLM2-135M-Instruct and each params ratio it compresses the model with ROM (the ``auto``
+preset, its best mode; ``--rom-presets auto paper uniform`` for more), calibrated on GSM8K train
+text, and with Basis Selection (trained on GSM8K train), then measures every model, the dense one
+included, on
 
 * the target task: the answer loss on the 500 held-out GSM8K records
   (``split_pairs(load_pairs(gsm8k.train.jsonl), validation=500, seed=0)``; nothing is trained
@@ -45,6 +46,7 @@ def main() -> None:
         default=["dense", "rom", "basis-selection"],
         choices=["dense", "rom", "basis-selection"],
     )
+    parser.add_argument("--rom-presets", nargs="+", default=["auto"], choices=["auto", "paper", "uniform"])
     parser.add_argument(
         "--svd-bases", action="store_true", help="also run Basis Selection on plain SVD bases"
     )
@@ -80,11 +82,9 @@ def main() -> None:
     if "dense" in args.methods:
         record("dense")
     for ratio in args.ratios:
-        for allocation in ("uniform", "paper") if "rom" in args.methods else ():
-            config = RomConfig(params_ratio=ratio, allocation=allocation)
-            record(
-                f"rom-{allocation}-{ratio}", lambda o, c=config: o.compress(c, calibration=calibration_text)
-            )
+        for preset in args.rom_presets if "rom" in args.methods else ():
+            config = RomConfig.from_preset(preset, params_ratio=ratio)
+            record(f"rom-{preset}-{ratio}", lambda o, c=config: o.compress(c, calibration=calibration_text))
         bases = ["activation", "svd"] if args.svd_bases else ["activation"]
         for kind in bases if "basis-selection" in args.methods else ():
             config = BasisSelectionConfig(params_ratio=ratio, bases=kind)
