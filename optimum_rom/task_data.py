@@ -7,14 +7,14 @@ common sets; any jsonl (or jsonl.gz) of prompt/answer records works with explici
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+
+from .jsonl import read_jsonl
 
 IGNORE_INDEX = -100  # label value PyTorch's cross-entropy skips
 
@@ -63,28 +63,15 @@ def load_pairs(path: str | Path, task: str | TaskFormat = "gsm8k") -> list[Promp
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"task data not found: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    pairs = []
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number} is not valid JSON ({error.msg})") from None
-            for field in (task_format.prompt_field, task_format.answer_field):
-                if field not in record:
-                    raise ValueError(
-                        f"{path}:{line_number} has no field {field!r}; its fields are {sorted(record)}. "
-                        "Name the fields with a TaskFormat (CLI: --prompt-field / --answer-field)"
-                    )
-            pairs.append(
-                PromptAnswer(
-                    task_format.prompt_template.format(prompt=record[task_format.prompt_field]),
-                    task_format.answer_template.format(answer=record[task_format.answer_field]),
-                )
-            )
+    fields = (task_format.prompt_field, task_format.answer_field)
+    hint = "Name the fields with a TaskFormat (CLI: --prompt-field / --answer-field)"
+    pairs = [
+        PromptAnswer(
+            task_format.prompt_template.format(prompt=record[task_format.prompt_field]),
+            task_format.answer_template.format(answer=record[task_format.answer_field]),
+        )
+        for record in read_jsonl(path, fields, hint)
+    ]
     if not pairs:
         raise ValueError(f"task data {path} is empty")
     return pairs

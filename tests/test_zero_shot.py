@@ -122,7 +122,7 @@ def test_a_malformed_file_names_the_line(tmp_path):
     path = write_jsonl(
         tmp_path / "piqa.jsonl", [{"goal": "g", "sol1": "a", "sol2": "b", "label": 0}, {"x": 1}]
     )
-    with pytest.raises(ValueError, match=r"piqa.jsonl:2 does not have the expected format .*no field 'goal'"):
+    with pytest.raises(ValueError, match=r"piqa.jsonl:2 has no field 'goal'; its fields are \['x'\]"):
         evaluate_multiple_choice(ScriptedLM({}), "piqa", path)
 
 

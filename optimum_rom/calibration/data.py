@@ -7,11 +7,12 @@ already-tokenized ids. The text is tokenized as one stream and ``num_samples`` w
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from ..jsonl import read_jsonl
 
 CalibrationSource = str | Path | Sequence[str] | torch.Tensor
 
@@ -74,25 +75,12 @@ def read_text_source(path: Path, text_field: str = "text", max_chars: int | None
 def _read_jsonl(path: Path, text_field: str, max_chars: int | None) -> str:
     fields = [f.strip() for f in text_field.split(",") if f.strip()]
     documents, size = [], 0
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number} is not valid JSON ({error.msg})") from None
-            missing = [f for f in fields if f not in record]
-            if missing:
-                raise ValueError(
-                    f"{path}:{line_number} has no field {missing[0]!r}; its fields are {sorted(record)}. "
-                    f"Choose them with text_field (CLI: --text-field), e.g. {','.join(sorted(record)[:2])!r}"
-                )
-            document = "\n".join(str(record[f]) for f in fields)
-            documents.append(document)
-            size += len(document)
-            if max_chars and size >= max_chars:
-                break
+    for record in read_jsonl(path, tuple(fields), "Choose them with text_field (CLI: --text-field)"):
+        document = "\n".join(str(record[f]) for f in fields)
+        documents.append(document)
+        size += len(document)
+        if max_chars and size >= max_chars:
+            break
     return "\n\n".join(documents)
 
 

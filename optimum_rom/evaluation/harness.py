@@ -8,7 +8,6 @@ expect. Nothing is downloaded, and acc / acc_norm are computed by the harness it
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -20,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from ..jsonl import read_jsonl
 
 Record = dict[str, Any]
 
@@ -115,22 +116,15 @@ MULTIPLE_CHOICE_TASKS: dict[str, MultipleChoiceTask] = {
 def read_records(path: Path, task: MultipleChoiceTask, limit: int | None = None) -> list[Record]:
     """The first ``limit`` records of a jsonl file in the harness's schema; errors name the file and line."""
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                missing = [f for f in task.fields if f not in record]
-                if missing:
-                    raise KeyError(f"no field {missing[0]!r}; expected {', '.join(task.fields)}")
-                records.append(task.adapt(record))
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(
-                    f"{path}:{line_number} does not have the expected format ({type(error).__name__}: {error})"
-                ) from None
-            if limit is not None and len(records) >= limit:
-                break
+    for number, record in enumerate(read_jsonl(path, task.fields, f"Expected {', '.join(task.fields)}."), 1):
+        try:
+            records.append(task.adapt(record))
+        except (KeyError, TypeError) as error:
+            raise ValueError(
+                f"{path}: record {number} does not have the expected format ({type(error).__name__}: {error})"
+            ) from None
+        if limit is not None and len(records) >= limit:
+            break
     if not records:
         raise ValueError(f"{path} has no records")
     return records

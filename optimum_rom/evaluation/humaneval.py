@@ -7,14 +7,13 @@ runs in a separate process (see :mod:`.sandbox`): never in the evaluating proces
 
 from __future__ import annotations
 
-import gzip
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..jsonl import read_jsonl
 from .generation import greedy_generate
 from .sandbox import run_program
 
@@ -27,19 +26,11 @@ def read_humaneval(path: str | Path, limit: int | None = None) -> list[dict[str,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"HumanEval file not found: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
     problems = []
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            missing = [f for f in FIELDS if f not in record]
-            if missing:
-                raise ValueError(f"{path}:{line_number} is not a HumanEval problem: no field {missing[0]!r}")
-            problems.append(record)
-            if limit is not None and len(problems) >= limit:
-                break
+    for record in read_jsonl(path, FIELDS, "A HumanEval problem has task_id, prompt, test and entry_point."):
+        problems.append(record)
+        if limit is not None and len(problems) >= limit:
+            break
     if not problems:
         raise ValueError(f"HumanEval file {path} is empty")
     return problems
