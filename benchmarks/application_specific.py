@@ -8,7 +8,7 @@ preset, its best mode; ``--rom-presets auto paper uniform`` for more), calibrate
 text, and with Basis Selection (trained on GSM8K train), then measures every model, the dense one
 included, on
 
-* the target task: the answer loss on the 500 held-out GSM8K records
+* the target task: the answer loss on the 500 held-out GSM8K records (`--eval-examples N`: the first N)
   (``split_pairs(load_pairs(gsm8k.train.jsonl), validation=500, seed=0)``; nothing is trained
   or calibrated on them: ROM's calibration text is the train split's question + answer);
 * general text: WikiText-2 test perplexity (seq 512, 40 windows);
@@ -50,6 +50,9 @@ def main() -> None:
     parser.add_argument(
         "--svd-bases", action="store_true", help="also run Basis Selection on plain SVD bases"
     )
+    parser.add_argument(
+        "--eval-examples", type=int, default=500, help="score the first N of the 500 held-out records"
+    )
     parser.add_argument("--output", type=Path, default=Path("runs/application_specific.json"))
     args = parser.parse_args()
     for path in (args.gsm8k, args.wikitext):
@@ -57,6 +60,7 @@ def main() -> None:
             raise SystemExit(f"data file not found: {path} (give --gsm8k / --wikitext)")
 
     train, held_out = split_pairs(load_pairs(args.gsm8k, "gsm8k"), validation=500, seed=0)
+    held_out = held_out[: args.eval_examples]
     calibration_text = [pair.prompt + pair.answer for pair in train]
     results = json.loads(args.output.read_text()) if args.output.is_file() else {}
 
