@@ -181,35 +181,34 @@ def plan_by_damage(
             f"{kept / total_params:.3f}."
         )
     dense: set[str] = set()
-    moves: list[tuple[float, int, str, int]] = []
+    moves: list[
+        tuple[float, int, str, int, bool]
+    ] = []  # (-gain per parameter, order, name, cost, goes dense)
 
     def offer(site: LinearSite) -> None:
         rank, curve = ranks[site.name], damage[site.name]
-        cost = site_params(site, rank, with_bias)
-        if rank + 1 >= len(curve) or site_params(site, rank + 1, with_bias) >= site.dense_params:
-            extra = site.dense_params - cost  # going dense removes all that is left
+        goes_dense = rank + 1 >= len(curve) or site_params(site, rank + 1, with_bias) >= site.dense_params
+        if goes_dense:  # keeping the matrix dense removes all the damage that is left
+            extra = site.dense_params - site_params(site, rank, with_bias)
             gain = float(curve[min(rank, len(curve) - 1)])
         else:
             extra = site.in_features + site.out_features
             gain = float(curve[rank] - curve[rank + 1])
-        heapq.heappush(moves, (-gain / max(extra, 1), len(moves), site.name, extra))
+        heapq.heappush(moves, (-gain / max(extra, 1), len(moves), site.name, extra, goes_dense))
 
     by_name = {site.name: site for site in sites}
     for site in sites:
         offer(site)
     while moves:
-        _, _, name, extra = heapq.heappop(moves)
+        _, _, name, extra, goes_dense = heapq.heappop(moves)
         if kept + extra > target:
             continue
         kept += extra
-        site = by_name[name]
-        if site_params(site, ranks[name] + 1, with_bias) >= site.dense_params or ranks[name] + 1 >= len(
-            damage[name]
-        ):
+        if goes_dense:
             dense.add(name)
         else:
             ranks[name] += 1
-            offer(site)
+            offer(by_name[name])
     factorized = {name: rank for name, rank in ranks.items() if name not in dense}
     return RankPlan(factorized, total_params, kept, 0.0, sorted({s.block for s in sites}))
 
