@@ -48,7 +48,7 @@ class PartialOutput:
         self, output: str | Path, overwrite: bool = False, fingerprint: str = "", resumable: bool = False
     ):
         self.output = check_output_dir(output, overwrite)
-        self.path = self.output.parent / f".{self.output.name}.partial"
+        self.path = partial_dir(self.output)
         self.fingerprint = fingerprint
         self.resumable = resumable
         self.progress: dict = {}
@@ -220,6 +220,12 @@ def raise_disk_error(error: OSError, path: Path, size: int) -> None:
             "command again to continue",
         ) from None
     raise error
+
+
+def partial_dir(output: str | Path) -> Path:
+    """Where a run writes before its output is complete: a hidden sibling of the output directory."""
+    output = Path(output)
+    return output.parent / f".{output.name}.partial"
 
 
 def default_work_dir(output: str | Path) -> Path:

@@ -42,10 +42,11 @@ def run_command(name: str, args: Namespace) -> None:
 
 def _resume_hint(args: Namespace) -> str:
     """What an interrupted command left: resumable progress next to its output, or nothing."""
+    from ..checkpoint import default_work_dir, partial_dir
+
     output = getattr(args, "output", None)
     if output is not None:
-        output = Path(output)
-        for kept in (output.parent / f".{output.name}.partial", output.parent / f".{output.name}.work"):
+        for kept in (partial_dir(output), default_work_dir(output)):
             if kept.is_dir() and any(kept.iterdir()):
                 return f"the finished work is kept in {kept}: run the same command again to continue from it"
     return f"nothing was written{f' to {output}' if output else ''}"
