@@ -34,7 +34,8 @@ class Moments:
         self.sum = torch.zeros(dim, dtype=torch.float64)
         self.gram = torch.zeros(dim, dim, dtype=torch.float64)
 
-    def update(self, features: torch.Tensor) -> None:
+    def update(self, features: torch.Tensor) -> torch.Tensor:
+        """Add a chunk of features; returns the chunk as shifted rows (float32)."""
         rows = features.detach().reshape(-1, self.dim).float()
         if self.shift is None:
             self.shift = rows.mean(0)
@@ -42,6 +43,7 @@ class Moments:
         self.sum += centred.sum(0, dtype=torch.float64)
         self.gram += (centred.T @ centred).double()
         self.count += rows.shape[0]
+        return centred
 
     @property
     def mean(self) -> torch.Tensor:
@@ -72,8 +74,7 @@ class CrossMoments(Moments):
         self.cross = torch.zeros(dim, dim, dtype=torch.float64)
 
     def update_pair(self, features: torch.Tensor, paired: torch.Tensor) -> None:
-        super().update(features)
-        rows = features.detach().reshape(-1, self.dim).float() - self.shift
+        rows = super().update(features)
         others = paired.detach().reshape(-1, self.dim).float()
         if self.paired_shift is None:
             self.paired_shift = others.mean(0)
