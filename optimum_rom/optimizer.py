@@ -60,7 +60,7 @@ class LowRankOptimizer(OptimumQuantizer):
 
     Opened from a directory, the model is not loaded until something needs it: ``compress``
     with a ``save_dir`` then streams it block by block (memory: one block plus the calibration
-    activations, whatever the depth) and returns the saved checkpoint, loaded lazily.
+    activations, whatever the depth) and returns the saved checkpoint, loaded from disk.
     Accessing ``optimizer.model`` first loads it whole and compresses in memory instead.
 
     For one application, Basis Selection trains on prompt/answer pairs::

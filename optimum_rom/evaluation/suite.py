@@ -33,9 +33,8 @@ class EvaluationOptions:
     num_fewshot: int = 5  # GSM8K exemplars
     max_new_tokens: int | None = None  # generation cap of GSM8K / HumanEval (None: 256 / 384)
     batch_size: int = 16
-    holdout: int = (
-        0  # answer-loss tasks: score only the records `split_pairs(..., holdout, holdout_seed)` holds out
-    )
+    # answer-loss tasks: score only the records `split_pairs(..., holdout, holdout_seed)` holds out
+    holdout: int = 0
     holdout_seed: int = 0
     progress: bool = True
 

@@ -138,9 +138,9 @@ try:
                 choices=["activation", "svd"],
                 help="activation: SVD in the metric of the task's activations (default); svd: of the weights",
             )
-            basis.add_argument("--num-rounds", type=int, default=None, help="pruning rounds (default 6)")
+            basis.add_argument("--num-rounds", type=int, default=None, help="pruning rounds (default 4)")
             basis.add_argument(
-                "--steps-per-round", type=int, default=None, help="training steps per round (default 6)"
+                "--steps-per-round", type=int, default=None, help="training steps per round (default 5)"
             )
             basis.add_argument("--batch-size", type=int, default=None, help="examples per step (default 4)")
             basis.add_argument("--new-rank", type=int, default=None, help="new bases per matrix (default 8)")
