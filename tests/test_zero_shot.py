@@ -7,12 +7,8 @@ import torch
 from lm_eval.api.model import LM
 
 from optimum_rom import LowRankOptimizer, SvdConfig
-from optimum_rom.evaluation.harness import (
-    MULTIPLE_CHOICE_TASKS,
-    continuation_loglikelihoods,
-    evaluate_multiple_choice,
-    make_lm,
-)
+from optimum_rom.evaluation.harness import MULTIPLE_CHOICE_TASKS, evaluate_multiple_choice, make_lm
+from optimum_rom.evaluation.loglikelihood import continuation_loglikelihoods
 
 from .conftest import SHARED_DATA, tiny_model
 
@@ -126,26 +122,64 @@ def test_a_malformed_file_names_the_line(tmp_path):
         evaluate_multiple_choice(ScriptedLM({}), "piqa", path)
 
 
-@pytest.mark.parametrize("factorized", [False, True])
-def test_fast_log_likelihoods_equal_the_stock_harness_ones(tokenizer, factorized):
+def harness_requests(seed: int = 0):
+    """Token requests like the harness sends: single ones, and questions whose choices share a context."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def ids(length):
+        return torch.randint(3, 500, (length,), generator=generator).tolist()
+
+    requests = [(None, ids(c), ids(x)) for c, x in [(5, 1), (12, 3), (30, 7), (3, 2), (17, 1), (9, 9)]]
+    for context_length, choice_lengths in [(8, [1, 1]), (20, [4, 1, 6, 2]), (2, [3, 3, 3]), (40, [5, 7])]:
+        context = ids(context_length)
+        requests += [(None, context, ids(length)) for length in choice_lengths]
+    return requests
+
+
+@pytest.mark.parametrize(
+    "arch,factorized",
+    [("llama", False), ("llama", True), ("qwen2", False), ("mistral", False), ("gemma", False)],
+)
+def test_fast_log_likelihoods_equal_the_stock_harness_ones(tokenizer, arch, factorized):
     from lm_eval.models.huggingface import HFLM
 
-    model = tiny_model("llama")
+    model = tiny_model(arch)
     if factorized:
         model = LowRankOptimizer(model, tokenizer).compress(SvdConfig(params_ratio=0.8), progress=False)
-    generator = torch.Generator().manual_seed(0)
-    requests = []
-    for context_length, continuation_length in [(5, 1), (5, 1), (12, 3), (30, 7), (3, 2), (17, 1), (9, 9)]:
-        context = torch.randint(3, 500, (context_length,), generator=generator).tolist()
-        continuation = torch.randint(3, 500, (continuation_length,), generator=generator).tolist()
-        requests.append((None, context, continuation))
-    requests.append((None, requests[0][1], [requests[0][2][0] + 1]))  # shares a context: one forward pass
+    requests = harness_requests()
 
-    fast = continuation_loglikelihoods(make_lm(model, tokenizer, batch_size=3), requests, disable_tqdm=True)
+    fast = make_lm(model, tokenizer, batch_size=3)._loglikelihood_tokens(requests, disable_tqdm=True)
     stock = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3)._loglikelihood_tokens(
         requests, disable_tqdm=True
     )
     assert [g for _, g in fast] == [g for _, g in stock]
+    assert [s for s, _ in fast] == pytest.approx([s for s, _ in stock], abs=1e-4)
+
+
+class IgnoresAttentionMasks(torch.nn.Module):
+    """A causal LM that applies its own causal mask whatever it is given, like models without 4D-mask support."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.dtype = model.dtype
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, logits_to_keep=0):
+        return self.model(input_ids=input_ids, logits_to_keep=logits_to_keep)
+
+
+def test_a_model_that_ignores_packing_masks_is_scored_one_request_per_row(tokenizer):
+    from types import SimpleNamespace
+
+    from lm_eval.models.huggingface import HFLM
+
+    model = tiny_model("llama")
+    requests = harness_requests(seed=1)
+    stock = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4)._loglikelihood_tokens(
+        requests, disable_tqdm=True
+    )
+    lm = SimpleNamespace(model=IgnoresAttentionMasks(model), max_length=2048, batch_size=4, device="cpu")
+    fast = continuation_loglikelihoods(lm, requests, disable_tqdm=True)
     assert [s for s, _ in fast] == pytest.approx([s for s, _ in stock], abs=1e-4)
 
 
