@@ -12,9 +12,7 @@ finished block and produces the same checkpoint as an uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import ctypes
 import hashlib
 import json
 import shutil
@@ -34,6 +32,7 @@ from .calibration.walker import BlockStream, capture_block_inputs, chunk_batch_s
 from .checkpoint import PartialOutput, SafetensorsWriter, TensorSpec
 from .configs import LowRankConfig
 from .integrations.transformers import ROM_SAFETENSORS_FORMAT, build_factorized_skeleton
+from .memory import map_large_allocations, return_freed_memory
 from .structure import check_compressible, find_blocks
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -71,13 +70,17 @@ class LazyCheckpoint:
         self.model.eval()
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors as stored: read-only views of the file, whose pages leave memory with them."""
+        """The named tensors as stored: read-only views of the file, whose pages leave memory with them.
+
+        One file handle per tensor: tensors read through one handle share its memory map, whose
+        pages stay resident until the last of them is freed; this way each dense weight leaves
+        memory as soon as its factorization replaces it.
+        """
         tensors = {}
         for file, stored in self.files.items():
-            wanted = [n for n in names if n in stored]
-            if wanted:
+            for name in (n for n in names if n in stored):
                 with safe_open(file, "pt") as handle:
-                    tensors.update({n: handle.get_tensor(n) for n in wanted})
+                    tensors[name] = handle.get_tensor(name)
         missing = set(names) - set(tensors)
         if missing:
             raise ValueError(
@@ -135,17 +138,6 @@ class StreamingBlocks:
         return_freed_memory()
 
 
-def return_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc only; elsewhere a no-op).
-
-    glibc raises its mmap threshold after large blocks are freed, so later same-sized tensors
-    come from the heap, which it does not shrink by itself: without this, a streamed run's
-    memory grows by one block per block although every block is freed.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def output_specs(source: LazyCheckpoint, config: LowRankConfig, plan: RankPlan) -> dict[str, TensorSpec]:
     """Name, shape and dtype of every tensor of the compressed checkpoint, in file order.
 
@@ -177,6 +169,7 @@ def compress_streaming(
     progress: bool = True,
 ) -> Path:
     """Compress ``source`` block by block into ``save_dir``; resumes a killed run of the same command."""
+    map_large_allocations()
     model = source.model
     blocks_name, blocks = find_blocks(model)
     fingerprint = _fingerprint(source, config, plan, input_ids)
@@ -223,7 +216,9 @@ def _embed(source: LazyCheckpoint, blocks: nn.ModuleList, input_ids: torch.Tenso
     embeddings = _module_name(source.model, source.model.get_input_embeddings())
     source.load(embeddings)
     try:
-        return capture_block_inputs(source.model, blocks, input_ids, chunk_batch_size(input_ids.shape[1]))
+        return capture_block_inputs(
+            source.model, blocks, input_ids, chunk_batch_size(blocks, input_ids.shape[1])
+        )
     finally:
         source.release(embeddings)
 

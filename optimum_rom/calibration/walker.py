@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..memory import return_freed_memory
 from ..structure import find_blocks
 
 
@@ -31,9 +32,11 @@ class _StopForward(Exception):
     """Raised by a hook to end a forward pass once what we need is recorded."""
 
 
-# Tokens per chunk when running a block: large enough for efficient matmuls, small enough that a
-# block's intermediate activations (e.g. 4096 x MLP width) stay in the tens of MB.
-DEFAULT_TOKENS_PER_CHUNK = 4096
+# Size of the widest activation (the MLP's) of one chunk of calibration sequences run through a
+# block: large enough for efficient matmuls, small enough that the block's intermediate
+# activations stay in the tens of MB whatever the model's width (4096 tokens with SmolLM2's MLP
+# of 1536, 1024 with an MLP of 6144).
+CHUNK_ACTIVATION_BYTES = 24 * 2**20
 
 
 @dataclass
@@ -169,15 +172,16 @@ def capture_block_inputs(
     return torch.cat(chunks).float()
 
 
-def chunk_batch_size(seq_len: int, tokens_per_chunk: int = DEFAULT_TOKENS_PER_CHUNK) -> int:
-    return max(1, tokens_per_chunk // seq_len)
+def chunk_batch_size(blocks: nn.ModuleList, seq_len: int) -> int:
+    """Calibration sequences per chunk when running a block (see CHUNK_ACTIVATION_BYTES)."""
+    widest = max((m.out_features for m in blocks[0].modules() if isinstance(m, nn.Linear)), default=1)
+    return max(1, CHUNK_ACTIVATION_BYTES // (4 * widest * seq_len))
 
 
 def walk_blocks(
     model: nn.Module,
     input_ids: torch.Tensor,
     *,
-    tokens_per_chunk: int = DEFAULT_TOKENS_PER_CHUNK,
     desc: str = "blocks",
     progress: bool = True,
     stream: BlockStream | None = None,
@@ -192,7 +196,7 @@ def walk_blocks(
     """
     blocks_name, blocks = find_blocks(model)
     seq_len = input_ids.shape[1]
-    batch_size = chunk_batch_size(seq_len, tokens_per_chunk)
+    batch_size = chunk_batch_size(blocks, seq_len)
     call_kwargs = capture_block_kwargs(model, blocks, seq_len)
     start = stream.start if stream else 0
     if stream is not None and stream.hidden is not None:
@@ -214,6 +218,7 @@ def walk_blocks(
             if dense is not None:
                 step.reference_inputs, step.reference_outputs = dense, step.forward(dense)
             yield step
+            return_freed_memory()  # what the pass freed (dense weights, statistics) before the block runs
             step.forward(out=hidden)
             check_finite(hidden, f"block {index}")
             if dense is not None:

@@ -20,7 +20,7 @@ from torch import nn
 from ..allocation import RankPlan, plan_by_damage, plan_model
 from ..calibration.sensitivity import measure_damage
 from ..calibration.statistics import CrossMoments, LinearStatistics, collect_block_statistics
-from ..calibration.walker import BlockStream, walk_blocks
+from ..calibration.walker import BlockStep, BlockStream, walk_blocks
 from ..configs import RomConfig
 from ..layers import FactorizedLinear
 from ..refinement import refine_block
@@ -73,19 +73,25 @@ def run_rom(
         for step in walk_blocks(
             model, input_ids, desc="ROM", progress=progress, stream=stream, reference=reference
         ):
-            ranks = by_block.get(step.index)
-            if not ranks:
-                continue
-            linears = {name: model.get_submodule(name) for name in ranks}
-            targets = None
-            if config.refine_epochs:  # what the dense block makes of the inputs it will see
-                targets = step.reference_outputs if reference else step.forward()
-            stats = collect_block_statistics(step, linears, paired=reference)
-            for name, rank in ranks.items():
-                set_module(model, name, rom_factorize(linears[name], stats[name], rank, config.center))
-            if targets is not None:
-                refine_block(step, targets, config.refine_epochs, seed=config.seed)
+            if step.index in by_block:
+                _compress_block(model, step, by_block[step.index], config, reference)
     return plan
+
+
+def _compress_block(
+    model: nn.Module, step: BlockStep, ranks: dict[str, int], config: RomConfig, reference: bool
+) -> None:
+    """Factorize one block's linears. A function of its own so that the dense weights and the
+    statistics are freed when it returns, before the walker runs the compressed block."""
+    linears = {name: model.get_submodule(name) for name in ranks}
+    targets = None
+    if config.refine_epochs:  # what the dense block makes of the inputs it will see
+        targets = step.reference_outputs if reference else step.forward()
+    stats = collect_block_statistics(step, linears, paired=reference)
+    for name, rank in ranks.items():  # popped: each dense weight and group's statistics go once used
+        set_module(model, name, rom_factorize(linears.pop(name), stats.pop(name), rank, config.center))
+    if targets is not None:
+        refine_block(step, targets, config.refine_epochs, seed=config.seed)
 
 
 def streams_rom(config: RomConfig) -> bool:

@@ -1,0 +1,36 @@
+"""Keeping a streamed compression's memory at what it uses, not what glibc's heap keeps.
+
+Freed tensors go back to the C heap, and glibc hands heap memory back to the OS only from its
+top: blocks and their activations of many sizes, freed in any order, leave a heap as large as
+the most ever in use plus fragmentation. A streamed run's peak memory is the point of streaming,
+so large allocations are made to bypass the heap there (glibc only; elsewhere both are no-ops).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+
+_M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
+LARGE_ALLOCATION_BYTES = 2**20
+
+
+def return_freed_memory() -> None:
+    """Give freed heap memory back to the OS.
+
+    glibc raises its mmap threshold after large blocks are freed, so later same-sized tensors
+    come from the heap, which it does not shrink by itself: without this, a streamed run's
+    memory grows by one block per block although every block is freed.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def map_large_allocations() -> None:
+    """Serve every allocation of 1 MiB or more with its own memory map, returned when freed.
+
+    Fixing the threshold also stops glibc from raising it (up to 32 MiB) after large frees.
+    It stays set for the process.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, LARGE_ALLOCATION_BYTES)
