@@ -146,7 +146,7 @@ def principal_output_basis(
     """
     if stats.site == "output":
         return top_eigenvectors(stats.second_moment(center), rank)
-    return top_left_singular_vectors(weight @ stats.input_root(center), rank)
+    return top_left_singular_vectors(weight, rank, right=stats.input_root(center))
 
 
 def corrected_factors(
@@ -172,16 +172,28 @@ def corrected_factors(
     return down, up, target_mean - up @ (down @ moments.mean)
 
 
-def top_left_singular_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
-    """The top-``rank`` left singular vectors of ``matrix``, from the eigenpairs of its smaller Gram matrix."""
-    rows, columns = matrix.shape
+def top_left_singular_vectors(
+    matrix: torch.Tensor, rank: int, right: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The top-``rank`` left singular vectors of ``F = matrix @ right`` (or of ``matrix``), from the
+    eigenpairs of F's smaller Gram matrix.
+
+    For a tall ``matrix`` (an MLP's up projection) the Gram matrix is formed as
+    ``right^T (matrix^T matrix) right`` and ``F`` itself, as large as the weight in float64, is never
+    materialized: it was the largest temporary of a streamed run.
+    """
+    rows, columns = matrix.shape[0], (matrix if right is None else right).shape[1]
     if rows <= columns:
-        return top_eigenvectors(matrix @ matrix.T, rank)
-    values, vectors = torch.linalg.eigh(matrix.T @ matrix)
+        product = matrix if right is None else matrix @ right
+        return top_eigenvectors(product @ product.T, rank)
+    gram = matrix.T @ matrix if right is None else right.T @ (matrix.T @ matrix) @ right
+    values, vectors = torch.linalg.eigh(gram)
     values, vectors = values[-rank:].flip(-1), vectors[:, -rank:].flip(-1)
     if values[-1] <= 1e-10 * values[0]:  # rank-deficient: the SVD keeps the basis orthonormal
-        return torch.linalg.svd(matrix, full_matrices=False)[0][:, :rank]
-    return (matrix @ vectors) / values.sqrt()
+        product = matrix if right is None else matrix @ right
+        return torch.linalg.svd(product, full_matrices=False)[0][:, :rank]
+    scaled = vectors / values.sqrt()
+    return matrix @ (scaled if right is None else right @ scaled)
 
 
 def top_eigenvectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
