@@ -47,7 +47,7 @@ print(json.dumps({"seconds": time.perf_counter() - started, "peak_rss_mb": resou
 
 
 # MKL (torch's BLAS/LAPACK) pools its large work buffers unless this is set when the process starts;
-# on the 2048-wide model the pool holds ~0.25 GB at the peak (measured: 1.52 -> 1.28 GB, +4% time).
+# on the 2048-wide model the pool holds ~0.25 GB at the peak (measured: 1520 -> 1277 MiB, +4% time).
 LOW_MEMORY_ENV = {"MKL_DISABLE_FAST_MM": "1"}
 
 
