@@ -48,7 +48,7 @@ def continuation_loglikelihoods(lm, requests: list[Request], disable_tqdm: bool 
     ``cache_hook`` are used. Contexts are left-truncated the way the harness does.
     """
     packs = pack_requests(requests, lm.max_length)
-    if any(len(p.members) > 1 for p in packs) and not _packing_agrees(lm, requests, packs):
+    if not _packing_agrees(lm, requests, packs):
         logger.warning(
             "%s does not honour 4D attention masks; scoring choices one by one", type(lm.model).__name__
         )
@@ -103,9 +103,9 @@ def _score(model, requests: list[Request], packs: list[Pack], device) -> list[An
             logits_to_keep=keep,
         ).logits
     log_probs = F.log_softmax(logits.float(), dim=-1).cpu()
+    offset = width - keep  # absolute position of each row's first kept log-probs
     answers = []
     for pack, row_log_probs in zip(packs, log_probs, strict=True):
-        offset = width - keep  # absolute position of row_log_probs[0]
         start = len(pack.context)
         for index in pack.members:
             continuation = requests[index][2]
