@@ -318,7 +318,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
         axis.set_xlabel("params ratio kept")
         axis.set_title(panel)
         axis.grid(alpha=0.3)
-        axis.legend()
+        if axis.lines:  # only the dense point so far: nothing to label
+            axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
