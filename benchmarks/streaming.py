@@ -9,10 +9,9 @@ Part "depth": random Llama models of 12 and 24 blocks (hidden 2048, MLP 6144, 24
 params_ratio 0.8 (ROM, uniform, 128 x 128 calibration tokens) in its own process, started with
 MKL_DISABLE_FAST_MM=1 (see LOW_MEMORY_ENV); peak RSS and time per run. Part "smollm2": the same
 compression of SmolLM2-135M streamed from disk and in memory; identical outputs, and the time
-and memory ratio. Part "presets": SmolLM2-135M at 0.8
-with each preset (uniform and paper stream from disk; auto, which measures gradients, runs in
-memory), time and peak RSS of the compressing process and WikiText-2 test perplexity (seq 512,
-40 windows) of the result.
+and memory ratio. Part "presets": SmolLM2-135M at 0.8 with each preset (uniform and paper stream
+from disk; auto, which measures gradients, runs in memory), time and peak RSS of the compressing
+process and WikiText-2 test perplexity (seq 512, 40 windows) of the result.
 Results go to <work>/streaming.json and a markdown table on stdout.
 """
 
