@@ -12,45 +12,128 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+OUTPUT_MARKER = ".optimum-rom-output.json"
 
-def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
-    """Refuse, before any work starts, to write over an existing non-empty directory."""
-    path = Path(path)
-    if path.is_file():
-        raise FileExistsError(f"output path {path} is a file; choose a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"output directory {path} already exists and is not empty; pass overwrite=True "
-            "(CLI: --overwrite) or choose another output directory"
+
+def check_output_dir(
+    path: str | Path, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()
+) -> Path:
+    """Refuse, before any work starts, an output that would destroy something the user has.
+
+    Refused: a file; an existing non-empty directory without ``overwrite``; with ``overwrite``, a
+    directory that is neither empty nor an optimum-rom output holding only the files it wrote (its
+    marker lists them); an output that is, contains or is inside one of ``inputs`` (paths resolved,
+    symlinks followed); the current directory or one of its parents (it cannot be replaced while
+    in use); and a location that cannot be written. Returns the resolved output path.
+    """
+    given = path
+    path = Path(path).expanduser().resolve()
+    for source in inputs:
+        if source is not None and Path(source).exists():
+            _check_apart(given, path, Path(source).resolve())
+    if path == Path.cwd() or path in Path.cwd().parents:
+        raise ValueError(
+            f"--output {given} is the current directory or one of its parents, which cannot be replaced "
+            "while in use; give a new directory name, e.g. --output ./compressed"
         )
+    if path.is_file():
+        raise FileExistsError(f"output path {given} is a file; choose a directory")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"output directory {given} already exists and is not empty; pass overwrite=True "
+                "(CLI: --overwrite) or choose another output directory"
+            )
+        foreign = _foreign_entry(path)
+        if foreign is not None:
+            raise FileExistsError(
+                f"--overwrite only replaces an optimum-rom output or an empty directory, and {given} is not an "
+                f"optimum-rom output (it holds {foreign}, which optimum-rom did not write); choose another "
+                "output directory"
+            )
+    check_writable(path.parent)
     return path
+
+
+def _check_apart(given: str | Path, output: Path, source: Path) -> None:
+    if output == source or output in source.parents or source in output.parents:
+        relation = "is" if output == source else "contains" if output in source.parents else "is inside"
+        raise ValueError(
+            f"--output {given} {relation} the input model {source}; writing there would destroy it: "
+            "choose an output directory outside the input model"
+        )
+
+
+def _foreign_entry(directory: Path) -> str | None:
+    """The first file or directory under ``directory`` that its optimum-rom marker does not list."""
+    marker = directory / OUTPUT_MARKER
+    ours = set(json.loads(marker.read_text())["files"]) if marker.is_file() else set()
+    for item in sorted(directory.rglob("*")):
+        name = item.relative_to(directory).as_posix()
+        if name != OUTPUT_MARKER and name not in ours:
+            return name
+    return None
+
+
+def stored_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's weights as saved (tied tensors once)."""
+    unique = {tensor.data_ptr(): tensor for tensor in model.state_dict().values()}
+    return sum(tensor.nbytes for tensor in unique.values())
+
+
+def check_writable(directory: Path) -> None:
+    """Fail now, not after the work, if nothing can be created in ``directory`` (or where it would be made)."""
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise OSError(
+            errno.EROFS, f"{existing} is on a read-only file system; choose an output on a writable disk"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            errno.EACCES,
+            f"permission denied: cannot create files in {existing}; choose an output directory you can "
+            "write to, or change its permissions",
+        )
+
+
+def check_output_space(output: str | Path, needed: int) -> None:
+    """Refuse a run whose output (``needed`` bytes) will not fit where it is going to be written."""
+    output = Path(output).resolve()
+    ensure_free_space(next(p for p in output.parents if p.exists()), needed)
 
 
 class PartialOutput:
     """The hidden ``.<name>.partial`` directory a run writes into, renamed to ``<name>`` when done.
 
     A lock file keeps two runs from writing the same output. A resumable run keeps its
-    directory when it fails or is killed, together with a journal (``progress.json`` and the
-    state it names); the next run with the same ``fingerprint`` continues from it, any other
-    run starts afresh.
+    directory when it is killed, interrupted or stopped by the system (full disk, memory) after
+    it journaled some progress (``progress.json`` and the state it names); the next run with the
+    same ``fingerprint`` continues from it, any other run starts afresh. Every other failure
+    leaves nothing behind. ``size`` is the planned size of the output, for a disk-full message.
     """
 
     JOURNAL = "progress.json"
 
     def __init__(
-        self, output: str | Path, overwrite: bool = False, fingerprint: str = "", resumable: bool = False
+        self,
+        output: str | Path,
+        overwrite: bool = False,
+        fingerprint: str = "",
+        resumable: bool = False,
+        size: int | None = None,
     ):
         self.output = check_output_dir(output, overwrite)
         self.path = partial_dir(self.output)
         self.fingerprint = fingerprint
         self.resumable = resumable
+        self.size = size
         self.progress: dict = {}
         self._lock = None
 
@@ -81,14 +164,19 @@ class PartialOutput:
     def record(self, **progress) -> None:
         """Atomically update the journal (after the state it refers to is on disk)."""
         self.progress = {"fingerprint": self.fingerprint, **progress}
-        temporary = self.path / f"{self.JOURNAL}.tmp"
-        temporary.write_text(json.dumps(self.progress))
-        os.replace(temporary, self.path / self.JOURNAL)
+        write_text_atomically(self.path / self.JOURNAL, json.dumps(self.progress))
 
     def finish(self) -> Path:
-        """Drop the journal and move the finished directory into place."""
+        """Drop the journal, mark the directory as ours and move it into place.
+
+        The previous output, if any, is removed only once the new one is in place. Modes follow
+        the user's umask: some writers (safetensors) create their files 0600.
+        """
         (self.path / self.JOURNAL).unlink(missing_ok=True)
         (self.path / ".lock").unlink(missing_ok=True)
+        entries = sorted(item.relative_to(self.path).as_posix() for item in self.path.rglob("*"))
+        (self.path / OUTPUT_MARKER).write_text(json.dumps({"files": entries}, indent=1) + "\n")
+        apply_umask(self.path)
         if self.output.exists():
             previous = self.output.parent / f".{self.output.name}.previous"
             shutil.rmtree(previous, ignore_errors=True)
@@ -102,14 +190,54 @@ class PartialOutput:
     def __exit__(self, kind, error, traceback) -> None:
         if self._lock is not None:
             self._lock.close()
-        if error is not None and not self.resumable:
+        if error is None:
+            return
+        keep = self.resumable and self.progress and _rerun_can_continue(error)
+        if not keep:
             shutil.rmtree(self.path, ignore_errors=True)
+        if is_disk_full(error) and not isinstance(error, DiskFullError):
+            free = shutil.disk_usage(self.output.parent).free
+            needed = f"it needs {_size(self.size)}, " if self.size else ""
+            kept = " to continue from the finished work" if keep else ""
+            raise DiskFullError(
+                errno.ENOSPC,
+                f"disk full while writing {self.output}: {needed}{_size(free)} are free; free some space "
+                f"and run the same command again{kept}",
+            ) from None
+
+
+def add_output_file(output: Path, name: str, text: str) -> None:
+    """Write one more file into a finished output and list it in the output's marker."""
+    marker = output / OUTPUT_MARKER
+    listed = sorted(set(json.loads(marker.read_text())["files"]) | {name})
+    write_text_atomically(output / name, text)
+    write_text_atomically(marker, json.dumps({"files": listed}, indent=1) + "\n")
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """The file is either the old one or the new one, never half written."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _rerun_can_continue(error: BaseException) -> bool:
+    """Failures the same command can get past (not bad input, which would fail the same way)."""
+    return isinstance(error, (KeyboardInterrupt, MemoryError, OSError)) or is_disk_full(error)
+
+
+def apply_umask(directory: Path) -> None:
+    """Give ``directory`` and everything in it the modes the user's umask asks for."""
+    umask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    for item in (directory, *directory.rglob("*")):
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
 
 
 @contextmanager
-def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(path: str | Path, overwrite: bool = False, size: int | None = None) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``path`` only if the block finishes."""
-    with PartialOutput(path, overwrite) as partial:
+    with PartialOutput(path, overwrite, size=size) as partial:
         yield partial.path
         partial.finish()
 
@@ -202,24 +330,42 @@ class SafetensorsWriter:
             os.fsync(handle.fileno())
 
 
+class DiskFullError(OSError):
+    """Not enough disk space, with a message that says how much is needed and what to do."""
+
+
 def ensure_free_space(directory: Path, needed: int) -> None:
     free = shutil.disk_usage(directory).free
     if free < needed:
-        raise OSError(
+        raise DiskFullError(
             errno.ENOSPC,
-            f"not enough disk space in {directory}: the checkpoint needs {needed / 2**30:.2f} GiB, "
-            f"{free / 2**30:.2f} GiB are free; free some space or choose another output directory",
+            f"not enough disk space in {directory}: the output needs {_size(needed)}, {_size(free)} are "
+            "free; free some space (or choose another output directory) and run the same command again",
         )
 
 
 def raise_disk_error(error: OSError, path: Path, size: int) -> None:
-    if error.errno == errno.ENOSPC:
-        raise OSError(
+    if is_disk_full(error):
+        raise DiskFullError(
             errno.ENOSPC,
-            f"disk full while writing {path} ({size / 2**30:.2f} GiB); free some space and run the same "
-            "command again to continue",
+            f"disk full while writing {path} ({_size(size)}); free some space and run the same command "
+            "again to continue",
         ) from None
     raise error
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """A full disk or quota, as an OSError or as safetensors' own error, which only quotes the OS error."""
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(error, OSError):
+        return error.errno in codes
+    return type(error).__name__ == "SafetensorError" and any(
+        f"(os error {code})" in str(error) for code in codes
+    )
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def partial_dir(output: str | Path) -> Path:

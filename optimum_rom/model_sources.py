@@ -8,16 +8,21 @@ as an ordinary safetensors directory, so later loads take a second instead of ~2
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,12 @@ def resolve_model_path(source: str | Path) -> tuple[Path, str | None]:
     path = Path(text).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return path.parent, path.name
+    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+        raise PermissionError(
+            errno.EACCES, f"permission denied: cannot read the model directory {path}; check its permissions"
+        )
     if path.is_dir() and (path / "config.json").is_file():
+        check_model_files(path)
         return path, None
     if path.is_dir():
         raise ModelNotFoundError(
@@ -64,6 +74,61 @@ def resolve_model_path(source: str | Path) -> tuple[Path, str | None]:
     )
 
 
+def check_model_files(directory: Path) -> None:
+    """Refuse a model directory whose files cannot be what they claim, before anything loads it.
+
+    Cheap: ``config.json`` is parsed, each safetensors file opened (its header is checked against
+    the file's size, which catches truncation) and each ``.bin`` unpickled onto the meta device in
+    weights-only mode (no data is read, no code runs).
+    """
+    config = directory / "config.json"
+    try:
+        json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{config} is not valid JSON ({error}); restore it from the original model"
+        ) from None
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except Exception as error:  # safetensors raises its own SafetensorError (an Exception)
+            raise ValueError(
+                f"{file} is truncated or corrupted ({error}); download or save the model again"
+            ) from None
+    for file in sorted(directory.glob("*.bin")):
+        try:
+            torch.load(file, map_location="meta", weights_only=True, mmap=True)
+        except Exception as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise ValueError(
+                f"{file} is not a plain PyTorch state dict ({first_line}); only tensors are loaded, never "
+                "pickled Python objects: save the model with save_pretrained (safetensors)"
+            ) from None
+
+
+@contextmanager
+def _reading_gguf(path: Path | None) -> Iterator[None]:
+    """Name a truncated or corrupt GGUF file, whose parser fails with an unrelated numpy error.
+
+    The file is re-read with the gguf library only after a load fails (a full parse costs seconds)."""
+    try:
+        yield
+    except Exception as error:
+        if path is None:
+            raise
+        from gguf import GGUFReader
+
+        try:
+            GGUFReader(path)
+        except Exception as reason:
+            raise ValueError(
+                f"{path} is truncated or not a valid GGUF file ({type(reason).__name__}: {reason}); "
+                "download it again"
+            ) from None
+        raise error
+
+
 def load_model(source, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` from a model source; a ``PreTrainedModel`` is passed through (tokenizer ``None``)."""
     from transformers import AutoTokenizer, PreTrainedModel
@@ -71,7 +136,9 @@ def load_model(source, dtype: torch.dtype = torch.float32):
     if isinstance(source, PreTrainedModel):
         return source, None
     directory, gguf_file = resolve_model_path(source)
-    return load_causal_lm(source, dtype), AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    model = load_causal_lm(source, dtype)
+    with _reading_gguf(gguf_file and directory / gguf_file):
+        return model, AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
 
 
 def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32):
@@ -79,7 +146,8 @@ def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     directory, gguf_file = resolve_model_path(source)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
+    with _reading_gguf(gguf_file and directory / gguf_file):
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
     model.eval()
     return model
 

@@ -10,17 +10,25 @@ from pathlib import Path
 
 import torch
 from optimum.quantization_base import OptimumQuantizer
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .calibration.data import CalibrationSource, describe_source, load_calibration
-from .checkpoint import atomic_directory, check_output_dir, default_work_dir
+from .checkpoint import atomic_directory, check_output_dir, check_output_space, default_work_dir, stored_bytes
 from .configs import LowRankConfig
 from .healing import heal
-from .integrations.transformers import attach_quantizer
+from .integrations.transformers import attach_quantizer, factorized_ranks
+from .model_card import write_model_card
 from .model_sources import load_causal_lm, load_model, resolve_model_path
 from .passes import PassData, pass_for
+from .preflight import check_calibration_memory, check_context_length
 from .streaming import LazyCheckpoint, compress_streaming
-from .structure import check_compressible, check_materialized, count_parameters
+from .structure import (
+    check_compressible,
+    check_finite_weights,
+    check_materialized,
+    count_parameters,
+    decoder_linear_parameters,
+)
 from .task_data import TaskFormat, TaskSource, describe_task_source, load_task_source, training_examples
 
 # Healing draws its own windows from the calibration source: more text than calibration needs
@@ -36,6 +44,8 @@ class CompressionReport:
     method: str
     params_before: int
     params_after: int
+    linear_params_before: int  # the decoder blocks' linears only (what papers count)
+    linear_params_after: int
     target_ratio: float
     factorized_modules: int
     seconds: float  # compression, healing excluded
@@ -93,7 +103,7 @@ class LowRankOptimizer(OptimumQuantizer):
         directory, gguf_file = resolve_model_path(model_or_path)
         if gguf_file is not None:
             model, loaded_tokenizer = load_model(model_or_path, dtype=dtype)
-            return cls(model, tokenizer or loaded_tokenizer)
+            return cls(model, tokenizer or loaded_tokenizer, source=directory / gguf_file)
         return cls(None, tokenizer or AutoTokenizer.from_pretrained(directory), source=directory, dtype=dtype)
 
     @property
@@ -137,11 +147,18 @@ class LowRankOptimizer(OptimumQuantizer):
         config = copy.deepcopy(config)
         compression_pass = pass_for(config)
         if save_dir is not None:
-            check_output_dir(save_dir, overwrite)
+            check_output_dir(save_dir, overwrite, inputs=self._input_paths())
             if self.tokenizer is None:
                 raise ValueError(
                     "saving needs a tokenizer: pass tokenizer= to LowRankOptimizer.from_pretrained"
                 )
+        model_config = (
+            self._model.config if self._model is not None else AutoConfig.from_pretrained(self.source)
+        )
+        if compression_pass.data is not PassData.NONE:
+            check_context_length(model_config, config.seq_len)
+        if compression_pass.data is PassData.CALIBRATION:
+            check_calibration_memory(model_config, config)
         if compression_pass.data is PassData.TASK:
             data = self._training_examples(config, train_dataset, task, calibration)
             config.calibration = describe_task_source(train_dataset, task)
@@ -156,8 +173,11 @@ class LowRankOptimizer(OptimumQuantizer):
         check_compressible(model)
         if not streamed:
             check_materialized(model)
+        check_finite_weights(lazy.tensors() if streamed else model.named_parameters())
         plan = compression_pass.plan(model, config, data, progress)
         compression_pass.check(config, plan, data)
+        if save_dir is not None and not streamed:
+            check_output_space(save_dir, plan.kept_params * model.dtype.itemsize)
         if compression_pass.resumable and work_dir is None and save_dir is not None:
             work_dir = default_work_dir(save_dir)
         run_options = {"work_dir": work_dir} if compression_pass.resumable else {}
@@ -169,6 +189,7 @@ class LowRankOptimizer(OptimumQuantizer):
 
         started = time.perf_counter()
         params_before = count_parameters(model)
+        linear_params_before = decoder_linear_parameters(model)
         if streamed:
             path = compress_streaming(
                 lazy, self.tokenizer, config, plan, data, compression_pass.run, save_dir, overwrite, progress
@@ -194,17 +215,28 @@ class LowRankOptimizer(OptimumQuantizer):
             method=config.quant_method,
             params_before=params_before,
             params_after=count_parameters(self._model),
+            linear_params_before=linear_params_before,
+            linear_params_after=decoder_linear_parameters(self._model),
             target_ratio=config.params_ratio,
-            factorized_modules=len(config.modules),
+            factorized_modules=len(factorized_ranks(self._model)),
             seconds=seconds,
             streamed=streamed,
             healing=healing.to_dict() if healing else None,
         )
         if save_dir is not None and (not streamed or healing):
             self.save(save_dir, overwrite=overwrite or streamed)
+        elif save_dir is not None:
+            self.write_model_card(save_dir)
         if run_options.get("work_dir") is not None:
             shutil.rmtree(run_options["work_dir"], ignore_errors=True)
         return self._model
+
+    def _input_paths(self) -> list[Path | None]:
+        """Where the model came from, which no output may overwrite."""
+        if self.source is not None:
+            return [self.source]
+        loaded_from = getattr(getattr(self._model, "config", None), "_name_or_path", None)
+        return [Path(loaded_from) if loaded_from else None]
 
     def _calibration_ids(
         self,
@@ -256,11 +288,19 @@ class LowRankOptimizer(OptimumQuantizer):
 
     def save(self, save_dir: str | Path, overwrite: bool = False) -> Path:
         """Write the factorized checkpoint (safetensors + config + tokenizer) atomically."""
-        with atomic_directory(save_dir, overwrite) as partial:
+        check_output_dir(save_dir, overwrite, inputs=self._input_paths())
+        size = stored_bytes(self.model)
+        check_output_space(save_dir, size)
+        with atomic_directory(save_dir, overwrite, size=size) as partial:
             self.model.save_pretrained(partial)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(partial)
+        self.write_model_card(save_dir)
         return Path(save_dir)
+
+    def write_model_card(self, save_dir: str | Path) -> None:
+        """Add the model card (``README.md``) to a saved checkpoint."""
+        write_model_card(Path(save_dir), self.model.config.quantization_config, self.model, self.report)
 
     def quantize(self, save_dir: str | Path, file_prefix: str | None = None, **kwargs) -> PreTrainedModel:
         """optimum's ``OptimumQuantizer`` interface: same as :meth:`compress` with a ``save_dir``."""

@@ -16,14 +16,14 @@ import copy
 import hashlib
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -89,6 +89,13 @@ class LazyCheckpoint:
             )
         return tensors
 
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every stored tensor, one at a time (each leaves memory once the caller drops it)."""
+        for file, names in self.files.items():
+            for name in names:
+                with safe_open(file, "pt") as handle:
+                    yield name, handle.get_tensor(name)
+
     def load(self, prefix: str) -> None:
         """Materialize every parameter and stored buffer under ``prefix`` (``""`` = the whole model)."""
         names = [n for n in self._tensor_names(prefix) if n in self.specs]
@@ -131,8 +138,7 @@ class StreamingBlocks:
         prefix = f"{self.blocks_name}.{index}"
         state = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
         self.writer.write({name: tensor for name, tensor in state.items() if name in self.writer.specs})
-        save_file(_streams(hidden, reference), self.partial.path / f"{_HIDDEN_FILE}.tmp")
-        (self.partial.path / f"{_HIDDEN_FILE}.tmp").replace(self.partial.path / _HIDDEN_FILE)
+        save_streams(self.partial.path / _HIDDEN_FILE, hidden, reference)
         self.partial.record(blocks_done=index + 1)
         self.source.release(prefix)
         return_freed_memory()
@@ -178,14 +184,16 @@ def compress_streaming(
         writer = SafetensorsWriter(
             partial.path / "model.safetensors", specs, {"format": ROM_SAFETENSORS_FORMAT}
         )
+        partial.size = writer.size
         start = partial.progress.get("blocks_done", 0)
-        if not partial.resumed:
+        if (
+            not partial.resumed
+        ):  # journaled only after the first block: a run failing before it leaves nothing
             writer.create()
             for name in specs:  # embeddings, final norm, untied lm_head: copied one at a time
                 if not name.startswith(blocks_name + "."):
                     writer.write(source.read([name]))
-            save_file(_streams(_embed(source, blocks, input_ids), None), partial.path / _HIDDEN_FILE)
-            partial.record(blocks_done=0)
+            save_streams(partial.path / _HIDDEN_FILE, _embed(source, blocks, input_ids), None)
         # Copies: the walker updates the streams in place, and loaded tensors are read-only file views.
         saved = {name: tensor.clone() for name, tensor in load_file(partial.path / _HIDDEN_FILE).items()}
         residency = StreamingBlocks(source, blocks_name, writer, partial)
@@ -198,17 +206,23 @@ def compress_streaming(
         final_config.save_pretrained(partial.path)
         generation_config = source.directory / "generation_config.json"
         if generation_config.is_file():
-            shutil.copy(generation_config, partial.path)
+            shutil.copyfile(generation_config, partial.path / generation_config.name)  # not its mode
         if tokenizer is not None:
             tokenizer.save_pretrained(partial.path)
         return partial.finish()
 
 
-def _streams(hidden: torch.Tensor, reference: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    streams = {"hidden": hidden.contiguous()}
-    if reference is not None:
-        streams["reference"] = reference.contiguous()
-    return streams
+def save_streams(path: Path, hidden: torch.Tensor, reference: torch.Tensor | None) -> None:
+    """Replace the saved hidden states atomically, with our writer: the disk space is reserved first
+    (a full disk is one clear error) and the file gets the user's umask (safetensors' own: 0600)."""
+    streams = {"hidden": hidden} if reference is None else {"hidden": hidden, "reference": reference}
+    temporary = path.with_name(f"{path.name}.tmp")
+    writer = SafetensorsWriter(
+        temporary, {k: TensorSpec(tuple(v.shape), v.dtype) for k, v in streams.items()}
+    )
+    writer.create()
+    writer.write(streams)
+    temporary.replace(path)
 
 
 def _embed(source: LazyCheckpoint, blocks: nn.ModuleList, input_ids: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,10 @@ in one ``nn.ModuleList`` and whose projections are ``nn.Linear`` is supported.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 
@@ -145,3 +147,26 @@ def check_materialized(model: nn.Module) -> None:
                 "model's directory instead (LowRankOptimizer.from_pretrained(path)); with save_dir the "
                 "compression then streams it block by block from disk"
             )
+
+
+def check_finite_weights(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Refuse NaN or Inf weights before any work: otherwise they surface blocks later as NaN activations."""
+    for name, tensor in named_tensors:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(
+                f"the weight {name} contains NaN or Inf values: the model file is corrupted; restore the "
+                "original model (download or save it again)"
+            )
+
+
+def decoder_linear_parameters(model: nn.Module) -> int:
+    """Parameters of the linears inside the decoder blocks, dense or factorized (what papers count;
+    :func:`count_parameters` counts the whole model). Works on models on the meta device."""
+    _, blocks = find_blocks(model)
+    return sum(
+        parameter.numel()
+        for block in blocks
+        for module in block.modules()
+        if isinstance(module, nn.Linear)
+        for parameter in module.parameters(recurse=False)
+    )

@@ -69,6 +69,27 @@ class LowRankHfQuantizer(HfQuantizer):
             )
         return missing_keys
 
+    def update_unexpected_keys(self, model: nn.Module, unexpected_keys: list[str]) -> list[str]:
+        # Factors of a linear that config.json does not list would be dropped and the dense linear
+        # random-initialized: the config and the weights do not belong together, which must not load.
+        modules = dict(model.named_modules())
+        dense = sorted(
+            {
+                name
+                for key in unexpected_keys
+                for name in [key.rsplit(".", 2)[0]]
+                if key.endswith((".down.weight", ".up.weight", ".up.bias"))
+                and isinstance(modules.get(name), nn.Linear)
+            }
+        )
+        if dense:
+            raise ValueError(
+                f"the weights hold {len(dense)} linears as low-rank factors that config.json's "
+                f"quantization_config.modules does not list (e.g. {dense[0]}): the config and the weights do "
+                "not belong together; restore the checkpoint's own config.json or compress the model again"
+            )
+        return unexpected_keys
+
     def get_state_dict_and_metadata(self, model: nn.Module, safe_serialization: bool = False):
         # Record the ranks the model has now (a merged LoRA adapter may have grown them); transformers
         # writes config.json from model.config right after this call.
