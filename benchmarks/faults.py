@@ -958,6 +958,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--only", default=None, help="run the cases whose name contains this text")
+    parser.add_argument("--skip", default=None, help="skip the cases whose name contains this text")
     parser.add_argument("--output", default=None, help="also write the table to this file")
     args = parser.parse_args()
     import optimum_rom
@@ -974,7 +975,7 @@ def main() -> None:
         fixtures = build_fixtures(root / "fixtures")
         counts = {"ok": 0, "FAIL": 0, "skipped": 0}
         for number, case in enumerate(CASES, 1):
-            if args.only and args.only not in case.name:
+            if (args.only and args.only not in case.name) or (args.skip and args.skip in case.name):
                 continue
             case_dir = root / f"case{number:02d}"
             case_dir.mkdir()

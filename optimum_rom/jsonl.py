@@ -8,6 +8,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _decoded(handle, path: Path) -> Iterator[str]:
+    """The lines of a text handle; a file that is not UTF-8 text is one ValueError naming it."""
+    lines = 0
+    try:
+        for line in handle:
+            lines += 1
+            yield line
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}:{lines + 1} is not valid UTF-8 ({error.reason}); save the file as UTF-8 "
+            "(or it is not a text file)"
+        ) from None
+
+
 def read_jsonl(path: str | Path, fields: tuple[str, ...] = (), hint: str = "") -> Iterator[dict]:
     """The records of ``path`` in order, blank lines skipped.
 
@@ -17,7 +31,7 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...] = (), hint: str = "") -
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
+        for line_number, line in enumerate(_decoded(handle, path), 1):
             if not line.strip():
                 continue
             try:

@@ -7,6 +7,8 @@ already-tokenized ids. The text is tokenized as one stream and ``num_samples`` w
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,9 +69,34 @@ def read_text_source(path: Path, text_field: str = "text", max_chars: int | None
     else:
         with path.open(encoding="utf-8", errors="replace") as handle:
             text = handle.read(max_chars if max_chars else -1)
+        _check_text(path, text)
     if not text.strip():
         raise ValueError(f"calibration file {path} is empty")
     return text
+
+
+# Characters that text does not contain: C0 controls other than tab, newlines and form feed.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
+# Share of non-text characters (invalid UTF-8 or control) from which a file is refused as binary:
+# executables and compressed files measure 55-65%, text files 0%.
+BINARY_SHARE = 0.3
+
+
+def _check_text(path: Path, text: str) -> None:
+    """Refuse a binary file; warn about invalid UTF-8, which was replaced by U+FFFD."""
+    replaced = text.count("\ufffd")
+    share = (replaced + len(_CONTROL.findall(text))) / max(1, len(text))
+    if share >= BINARY_SHARE:
+        raise ValueError(
+            f"calibration file {path} looks binary ({share:.0%} of its characters are not text); give a "
+            "text file (.txt) or a .jsonl file (decompress .gz files first)"
+        )
+    if replaced:
+        warnings.warn(
+            f"calibration file {path}: {replaced / len(text):.2%} of its characters were not valid UTF-8 and "
+            "were replaced; save it as UTF-8 to calibrate on the exact text",
+            stacklevel=3,
+        )
 
 
 def _read_jsonl(path: Path, text_field: str, max_chars: int | None) -> str:

@@ -76,7 +76,8 @@ def export_onnx(
         raise ValueError(f"int8 must be None or one of {INT8_METHODS}, got {int8!r}")
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
-    output = check_output_dir(output, overwrite)
+    source = getattr(getattr(model, "config", None), "_name_or_path", None) or model
+    output = check_output_dir(output, overwrite, inputs=[source if isinstance(source, (str, Path)) else None])
     model, loaded_tokenizer = load_model(model)
     if model.dtype != torch.float32:
         raise ValueError(

@@ -7,6 +7,7 @@ User mistakes (missing files, bad ratios, existing outputs, ...) end the command
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -30,14 +31,34 @@ def run_command(name: str, args: Namespace) -> None:
     commands = {"compress": compress, "evaluate": evaluate, "export": export}
     try:
         commands[name](args)
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, OSError, MemoryError, ArithmeticError) as error:
         if os.environ.get("OPTIMUM_ROM_DEBUG"):
             raise
-        print(f"optimum-cli rom {name}: error: {error}", file=sys.stderr)
+        print(f"optimum-cli rom {name}: error: {describe_error(error)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"optimum-cli rom {name}: interrupted; {_resume_hint(args)}", file=sys.stderr)
         sys.exit(130)
+
+
+# What to do about an OS error the code did not foresee (ours carry their own advice).
+OS_ERROR_FIXES = {
+    errno.EACCES: "check the permissions of that path",
+    errno.EPERM: "check the permissions of that path",
+    errno.EROFS: "it is on a read-only file system; use a writable disk",
+    errno.ENOSPC: "the disk is full; free some space and run the same command again",
+    errno.EDQUOT: "the disk quota is exhausted; free some space and run the same command again",
+    errno.EIO: "the disk reported an I/O error; check the device",
+}
+
+
+def describe_error(error: BaseException) -> str:
+    """One line: the message, and for an OS error its cause, the path and what to do."""
+    if not isinstance(error, OSError) or error.strerror is None:
+        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    path = f" ({error.filename})" if error.filename and str(error.filename) not in error.strerror else ""
+    fix = OS_ERROR_FIXES.get(error.errno) if error.filename else None
+    return f"{error.strerror}{path}" + (f"; {fix}" if fix else "")
 
 
 def _resume_hint(args: Namespace) -> str:
