@@ -189,9 +189,14 @@ class _SafeOpenAcceptingRom:
 
 
 def register_with_transformers(configs: dict[str, type[LowRankConfig]]) -> None:
-    """Register our configs and quantizer under each ``quant_method`` (idempotent)."""
+    """Register our configs and quantizer under each ``quant_method`` (idempotent).
+
+    The stand-ins that ``optimum_rom_autoload`` registers when the plugin is installed are replaced;
+    another library's registration under the same name is kept.
+    """
     for method, config_class in configs.items():
-        AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(method, config_class)
+        if getattr(AUTO_QUANTIZATION_CONFIG_MAPPING.get(method), "_optimum_rom_stand_in", True):
+            AUTO_QUANTIZATION_CONFIG_MAPPING[method] = config_class
         AUTO_QUANTIZER_MAPPING.setdefault(method, LowRankHfQuantizer)
     if modeling_utils.safe_open is not _SafeOpenAcceptingRom:
         modeling_utils.safe_open = _SafeOpenAcceptingRom
