@@ -714,225 +714,102 @@ class Skip(Exception):
     pass
 
 
+# (name, flags, simple_compress options, phrase the message must contain)
+COMPRESS_MISTAKES = [
+    ("--params-ratio 1.5", ["--params-ratio", 1.5], {}, "params_ratio must be in"),
+    ("--params-ratio 0", ["--params-ratio", 0], {}, "params_ratio must be in"),
+    ("--params-ratio -0.2", ["--params-ratio", -0.2], {}, "params_ratio must be in"),
+    ("--params-ratio nan", ["--params-ratio", "nan"], {}, "params_ratio must be in"),
+    ("--params-ratio abc", ["--params-ratio", "abc"], {}, "invalid float value"),
+    ("--params-ratio 0.01 (unreachable)", ["--params-ratio", 0.01], {}, "out of reach"),
+    ("--num-samples 0", ["--num-samples", 0], {}, "num_samples must be"),
+    ("--num-samples -3", ["--num-samples", -3], {}, "num_samples must be"),
+    ("--seq-len 0", ["--seq-len", 0], {}, "seq_len must be"),
+    ("--refine-epochs -1", ["--refine-epochs", -1], {}, "refine_epochs must be"),
+    ("--heal-minutes -1", ["--heal-minutes", -1], {}, "heal_minutes must be"),
+    ("--num-trailing-blocks 0", ["--allocation", "paper", "--num-trailing-blocks", 0], {}, "num_trailing_blocks must be"),
+    ("--num-samples 1 --seq-len 8 (rank > tokens)", ["--num-samples", 1, "--seq-len", 8], {}, "calibration set has"),
+    ("--calibration missing file", ["--calibration", "{case}/none.txt"], {}, "not found"),
+    ("--calibration empty file", ["--calibration", "{case}/empty.txt"], {"setup": write("empty.txt", "")}, "is empty"),
+    ("--calibration whitespace only", ["--calibration", "{case}/blank.txt"], {"setup": write("blank.txt", " \n\n \t\n")}, "is empty"),
+    ("--calibration a directory", ["--calibration", "{case}"], {}, "is a directory"),
+    ("--calibration jsonl without the field", ["--calibration", "{case}/c.jsonl"], {"setup": write("c.jsonl", '{"body": "x"}\n')}, "has no field 'text'"),
+    ("--calibration jsonl with a broken line", ["--calibration", "{case}/c.jsonl"], {"setup": write("c.jsonl", '{"text": "a"}\n{oops\n')}, "not valid json"),
+    ("--calibration too short for --seq-len", ["--calibration", "{case}/short.txt", "--num-samples", 4, "--seq-len", 64], {"setup": write("short.txt", "hello world")}, "fewer than seq_len"),
+    ("--model that does not exist", ["--model", "{case}/nothing"], {}, "model not found"),
+    ("--model dir without config.json", [], {"setup": missing_config}, "without config.json"),
+    ("--model GPT-2 (Conv1D, no nn.Linear)", [], {"model": "gpt2"}, "nn.linear"),
+    ("--model with a gptq quantization_config", [], {"setup": quantized_config}, "quant_method='gptq'"),
+    ("--target-modules matching nothing", ["--target-modules", "nope"], {}, "matches no module"),
+    ("--target-modules a norm", ["--target-modules", "input_layernorm"], {}, "not an nn.linear"),
+    ("--output existing, no --overwrite", [], {"setup": write("out/keep.txt", "keep")}, "--overwrite"),
+    ("--output is a file", [], {"setup": write("out", "a file")}, "is a file"),
+    ("--method basis-selection without --task-data", ["--method", "basis-selection"], {}, "--task-data"),
+]  # fmt: skip
+EVALUATE_MISTAKES = [
+    ("--task mmlu", ["--model", "{model}", "--task", "mmlu"], "unknown task"),
+    ("--data missing", ["--model", "{model}", "--data", "{data}/none.raw"], "not found"),
+    ("--data-dir without the task files", ["--model", "{model}", "--task", "boolq", "--data-dir", "{data}"], "boolq_validation.jsonl"),
+    ("piqa without --data-dir", ["--model", "{model}", "--task", "piqa"], "--data-dir"),
+    ("--task-data with two loss tasks", ["--model", "{model}", "--task", "gsm8k_loss,code_loss", "--task-data", "{text}"], "--task-data"),
+    ("--model missing", ["--model", "{data}/none", "--data", "{text}"], "model not found"),
+    ("--seq-len 1", ["--model", "{model}", "--data", "{text}", "--seq-len", 1], "seq_len must be"),
+    ("--max-windows 0", ["--model", "{model}", "--data", "{text}", "--max-windows", 0], "max_windows must be"),
+]  # fmt: skip
+
 CASES = [
     # Data loss
     Case("compress --output = --model --overwrite", output_is_model, phrase="input model"),
     Case("compress --output PARENT-of-model --overwrite", output_is_parent_of_model, phrase="input model"),
     Case("compress --output inside the model dir", output_inside_model, phrase="input model"),
     Case("compress --output symlink-to-model --overwrite", output_is_symlink_to_model, phrase="input model"),
-    Case(
-        "compress --overwrite into a dir of user files",
-        overwrite_foreign_directory,
-        phrase="not an optimum-rom output",
-    ),
-    Case(
-        "export --overwrite into a dir of user files",
-        export_overwrite_foreign_directory,
-        phrase="not an optimum-rom output",
-    ),
-    Case(
-        "compress --output . --overwrite (cwd has user files)",
-        output_is_cwd,
-        phrase="current directory|not an optimum-rom output",
-    ),
+    Case("compress --overwrite into a dir of user files", overwrite_foreign_directory, phrase="not an optimum-rom output"),
+    Case("export --overwrite into a dir of user files", export_overwrite_foreign_directory, phrase="not an optimum-rom output"),
+    Case("compress --output . --overwrite (cwd has user files)", output_is_cwd, phrase="current directory|not an optimum-rom output"),
     Case("compress --overwrite over its own previous output", overwrite_previous_output, expect=0),
     Case("compress --overwrite into an empty dir", overwrite_empty_directory, expect=0),
     # Silent wrong model
-    Case(
-        "from_pretrained, one quantization_config.modules entry deleted",
-        checkpoint_missing_module_entry,
-        expect=1,
-        phrase="q_proj",
-    ),
+    Case("from_pretrained, one quantization_config.modules entry deleted", checkpoint_missing_module_entry, expect=1, phrase="q_proj"),
     Case("evaluate, one modules entry deleted", evaluate_missing_module_entry, phrase="q_proj"),
-    Case(
-        "streamed compress: report counts the factorized linears",
-        streamed_report_counts,
-        expect=0,
-        check=lambda case, o: "21 linears factorized" in o.stdout,
-    ),
+    Case("streamed compress: report counts the factorized linears", streamed_report_counts, expect=0, check=lambda case, o: "21 linears factorized" in o.stdout),
     # OS and file faults
     Case("compress, unreadable model dir (as nobody)", unreadable_model_dir, phrase="permission"),
-    Case(
-        "compress --output under a read-only dir (as nobody)", output_under_read_only_dir, phrase="permission"
-    ),
+    Case("compress --output under a read-only dir (as nobody)", output_under_read_only_dir, phrase="permission"),
     Case("compress --output on a read-only file system", output_on_read_only_fs, phrase="read-only"),
     Case("compress, truncated model.safetensors", truncated_input_safetensors, phrase="truncated|corrupt"),
     Case("compress, invalid JSON in config.json", invalid_config_json, phrase="config.json"),
     Case("compress, NaN in a weight", nan_weights, phrase="nan"),
     Case("compress, disk full up front (5 MB tmpfs, 200 kB free)", disk_full_up_front, phrase="disk space"),
-    Case(
-        "compress (streamed), disk fills after block 0",
-        disk_full_mid_run,
-        phrase="run the same command again",
-    ),
+    Case("compress (streamed), disk fills after block 0", disk_full_mid_run, phrase="run the same command again"),
     Case("compress (in memory), disk fills before saving", disk_full_while_saving_in_memory, phrase="free"),
     Case("export, truncated checkpoint", export_truncated_checkpoint, phrase="truncated|corrupt"),
     Case("evaluate, pickled pytorch_model.bin", evaluate_pickled_bin, phrase="pytorch_model.bin"),
     Case("compress, truncated .gguf", truncated_gguf("compress"), phrase="gguf"),
     Case("evaluate, truncated .gguf", truncated_gguf("evaluate"), phrase="gguf"),
-    Case(
-        "compress --seq-len 100000 (context 256)",
-        simple_compress("--seq-len", 100000),
-        phrase="max_position_embeddings",
-    ),
+    Case("compress --seq-len 100000 (context 256)", simple_compress("--seq-len", 100000), phrase="max_position_embeddings"),
     Case("compress --num-samples 2000000 --seq-len 256 (RAM)", memory_estimate, phrase="memory"),
     Case("compress --calibration /bin/ls", binary_calibration, phrase="binary"),
-    Case(
-        "compress --calibration latin-1 text (warns)",
-        latin1_calibration,
-        expect=0,
-        check=lambda case, o: True,
-    ),
-    Case(
-        "output files follow the umask (generation_config 0600 in the source)",
-        output_follows_umask,
-        expect=0,
-        check=lambda case, o: o.message == "every file 0644",
-    ),
+    Case("compress --calibration latin-1 text (warns)", latin1_calibration, expect=0, check=lambda case, o: True),
+    Case("output files follow the umask (generation_config 0600 in the source)", output_follows_umask, expect=0, check=lambda case, o: o.message == "every file 0644"),
     Case("partial files follow the umask (killed after block 1)", partial_follows_umask, expect=0),
     # Resume and lock
     Case("SIGKILL after block 1, rerun: byte-identical", resume_after("SIGKILL"), expect=0),
     Case("Ctrl-C after block 1, rerun: byte-identical", resume_after("SIGINT"), expect=0),
     Case("two writers on one output", two_writers, phrase="another optimum-rom process"),
     Case("partial of other settings is started afresh", stale_partial_other_settings, expect=0),
-    # Numeric flags
-    Case("--params-ratio 1.5", simple_compress("--params-ratio", 1.5), phrase="params_ratio must be in"),
-    Case("--params-ratio 0", simple_compress("--params-ratio", 0), phrase="params_ratio must be in"),
-    Case("--params-ratio -0.2", simple_compress("--params-ratio", -0.2), phrase="params_ratio must be in"),
-    Case("--params-ratio nan", simple_compress("--params-ratio", "nan"), phrase="params_ratio must be in"),
-    Case("--params-ratio abc", simple_compress("--params-ratio", "abc"), phrase="invalid float value"),
-    Case("--params-ratio 0.01 (unreachable)", simple_compress("--params-ratio", 0.01), phrase="out of reach"),
-    Case("--num-samples 0", simple_compress("--num-samples", 0), phrase="num_samples must be"),
-    Case("--num-samples -3", simple_compress("--num-samples", -3), phrase="num_samples must be"),
-    Case("--seq-len 0", simple_compress("--seq-len", 0), phrase="seq_len must be"),
-    Case("--refine-epochs -1", simple_compress("--refine-epochs", -1), phrase="refine_epochs must be"),
-    Case("--heal-minutes -1", simple_compress("--heal-minutes", -1), phrase="heal_minutes must be"),
-    Case(
-        "--num-trailing-blocks 0",
-        simple_compress("--allocation", "paper", "--num-trailing-blocks", 0),
-        phrase="num_trailing_blocks must be",
+    # Numeric flags, calibration and model mistakes: (name, flags, phrase) below
+    *(
+        Case(name, simple_compress(*flags, **options), phrase=phrase)
+        for name, flags, options, phrase in COMPRESS_MISTAKES
     ),
-    Case(
-        "--num-samples 1 --seq-len 8 (rank > tokens)",
-        simple_compress("--num-samples", 1, "--seq-len", 8),
-        phrase="calibration set has",
-    ),
-    # Calibration
-    Case(
-        "--calibration missing file", simple_compress("--calibration", "{case}/none.txt"), phrase="not found"
-    ),
-    Case(
-        "--calibration empty file",
-        simple_compress("--calibration", "{case}/empty.txt", setup=write("empty.txt", "")),
-        phrase="is empty",
-    ),
-    Case(
-        "--calibration whitespace only",
-        simple_compress("--calibration", "{case}/blank.txt", setup=write("blank.txt", " \n\n \t\n")),
-        phrase="is empty",
-    ),
-    Case("--calibration a directory", simple_compress("--calibration", "{case}"), phrase="is a directory"),
-    Case(
-        "--calibration jsonl without the field",
-        simple_compress("--calibration", "{case}/c.jsonl", setup=write("c.jsonl", '{"body": "x"}\n')),
-        phrase="has no field 'text'",
-    ),
-    Case(
-        "--calibration jsonl with a broken line",
-        simple_compress("--calibration", "{case}/c.jsonl", setup=write("c.jsonl", '{"text": "a"}\n{oops\n')),
-        phrase="not valid json",
-    ),
-    Case(
-        "--calibration too short for --seq-len",
-        simple_compress(
-            "--calibration",
-            "{case}/short.txt",
-            "--num-samples",
-            4,
-            "--seq-len",
-            64,
-            setup=write("short.txt", "hello world"),
-        ),
-        phrase="fewer than seq_len",
-    ),
-    # Models
-    Case(
-        "--model that does not exist", simple_compress("--model", "{case}/nothing"), phrase="model not found"
-    ),
-    Case(
-        "--model dir without config.json", simple_compress(setup=missing_config), phrase="without config.json"
-    ),
-    Case("--model GPT-2 (Conv1D, no nn.Linear)", simple_compress(model="gpt2"), phrase="nn.linear"),
     Case("--model an already compressed checkpoint", already_compressed, phrase="already compressed"),
-    Case(
-        "--model with a gptq quantization_config",
-        simple_compress(setup=quantized_config),
-        phrase="quant_method='gptq'",
-    ),
-    Case(
-        "--target-modules matching nothing",
-        simple_compress("--target-modules", "nope"),
-        phrase="matches no module",
-    ),
-    Case(
-        "--target-modules a norm",
-        simple_compress("--target-modules", "input_layernorm"),
-        phrase="not an nn.linear",
-    ),
-    Case(
-        "--output existing, no --overwrite",
-        simple_compress(setup=write("out/keep.txt", "keep")),
-        phrase="--overwrite",
-    ),
-    Case("--output is a file", simple_compress(setup=write("out", "a file")), phrase="is a file"),
-    Case(
-        "--method basis-selection without --task-data",
-        simple_compress("--method", "basis-selection"),
-        phrase="--task-data",
-    ),
     Case("compress + paper allocation on Qwen2 (works)", happy_path_qwen2, expect=0),
     # Evaluate
-    Case("evaluate --task mmlu", evaluate("--model", "{model}", "--task", "mmlu"), phrase="unknown task"),
-    Case(
-        "evaluate --data missing",
-        evaluate("--model", "{model}", "--data", "{data}/none.raw"),
-        phrase="not found",
-    ),
-    Case(
-        "evaluate --data-dir without the task files",
-        evaluate("--model", "{model}", "--task", "boolq", "--data-dir", "{data}"),
-        phrase="boolq_validation.jsonl",
-    ),
-    Case(
-        "evaluate piqa without --data-dir",
-        evaluate("--model", "{model}", "--task", "piqa"),
-        phrase="--data-dir",
-    ),
-    Case(
-        "evaluate --task-data with two loss tasks",
-        evaluate("--model", "{model}", "--task", "gsm8k_loss,code_loss", "--task-data", "{text}"),
-        phrase="--task-data",
-    ),
-    Case(
-        "evaluate --model missing",
-        evaluate("--model", "{data}/none", "--data", "{text}"),
-        phrase="model not found",
-    ),
-    Case(
-        "evaluate --seq-len 1",
-        evaluate("--model", "{model}", "--data", "{text}", "--seq-len", 1),
-        phrase="seq_len must be",
-    ),
-    Case(
-        "evaluate --max-windows 0",
-        evaluate("--model", "{model}", "--data", "{text}", "--max-windows", 0),
-        phrase="max_windows must be",
-    ),
+    *(Case(f"evaluate {name}", evaluate(*flags), phrase=phrase) for name, flags, phrase in EVALUATE_MISTAKES),
     # Export
     Case("export --model missing", export_missing_model, phrase="model not found"),
     Case("export into an existing output, no --overwrite", export_existing_output, phrase="--overwrite"),
-]
+]  # fmt: skip
 
 
 def verdict(case: Case, outcome: Outcome, case_dir: Path) -> str:
