@@ -83,28 +83,46 @@ def check_model_files(directory: Path) -> None:
     """
     config = directory / "config.json"
     try:
-        json.loads(config.read_text())
+        settings = json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(
             f"{config} is not valid JSON ({error}); restore it from the original model"
         ) from None
+    shapes: dict[str, list[int]] = {}
     for file in sorted(directory.glob("*.safetensors")):
         try:
-            with safe_open(file, "pt"):
-                pass
+            with safe_open(file, "pt") as handle:
+                names = handle.keys()  # a safe_open handle is not iterable
+                shapes.update({name: handle.get_slice(name).get_shape() for name in names})
         except Exception as error:  # safetensors raises its own SafetensorError (an Exception)
             raise ValueError(
                 f"{file} is truncated or corrupted ({error}); download or save the model again"
             ) from None
+    listed = (settings.get("quantization_config") or {}).get("modules")
+    if listed is not None and shapes:
+        _check_factors(config, listed, shapes)
     for file in sorted(directory.glob("*.bin")):
         try:
-            torch.load(file, map_location="meta", weights_only=True, mmap=True)
+            torch.load(file, map_location="meta", weights_only=True, mmap=zipfile.is_zipfile(file))
         except Exception as error:
             first_line = str(error).strip().splitlines()[0]
             raise ValueError(
                 f"{file} is not a plain PyTorch state dict ({first_line}); only tensors are loaded, never "
                 "pickled Python objects: save the model with save_pretrained (safetensors)"
             ) from None
+
+
+def _check_factors(config: Path, listed: dict[str, int], shapes: dict[str, list[int]]) -> None:
+    """The ranks ``config.json`` lists must be the factors the weights hold, linear by linear."""
+    suffix = ".down.weight"
+    stored = {name.removesuffix(suffix): shape[0] for name, shape in shapes.items() if name.endswith(suffix)}
+    for name in sorted(set(listed) | set(stored)):
+        if listed.get(name) != stored.get(name):
+            says, holds = (f"rank {r}" if r else "no factors" for r in (listed.get(name), stored.get(name)))
+            raise ValueError(
+                f"{config} and the weights disagree on {name}: quantization_config.modules says {says}, the "
+                f"weights hold {holds}; restore the checkpoint's own config.json or compress the model again"
+            )
 
 
 @contextmanager

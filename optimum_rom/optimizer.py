@@ -299,8 +299,10 @@ class LowRankOptimizer(OptimumQuantizer):
         return Path(save_dir)
 
     def write_model_card(self, save_dir: str | Path) -> None:
-        """Add the model card (``README.md``) to a saved checkpoint."""
-        write_model_card(Path(save_dir), self.model.config.quantization_config, self.model, self.report)
+        """Add the model card (``README.md``) to a saved factorized checkpoint."""
+        config = getattr(self.model.config, "quantization_config", None)
+        if isinstance(config, LowRankConfig):
+            write_model_card(Path(save_dir), config, self.model, self.report)
 
     def quantize(self, save_dir: str | Path, file_prefix: str | None = None, **kwargs) -> PreTrainedModel:
         """optimum's ``OptimumQuantizer`` interface: same as :meth:`compress` with a ``save_dir``."""

@@ -172,21 +172,30 @@ def test_overwrite_replaces_a_previous_output_once_the_new_one_is_complete(compr
 # -- never a silently wrong model ----------------------------------------------------------------
 
 
-def drop_module_entry(directory: Path, name: str) -> None:
+def edit_modules(directory: Path, name: str, rank: int | None) -> None:
+    """Change (or, with ``None``, delete) one linear's rank in a checkpoint's config.json."""
     config = json.loads((directory / "config.json").read_text())
-    del config["quantization_config"]["modules"][name]
+    modules = config["quantization_config"]["modules"]
+    modules.pop(name) if rank is None else modules.update({name: rank})
     (directory / "config.json").write_text(json.dumps(config))
 
 
-def test_factors_the_config_does_not_list_refuse_to_load(rom, checkpoint_dir, calibration_file):
-    drop_module_entry(checkpoint_dir, "model.layers.0.self_attn.q_proj")
+def test_factors_the_config_does_not_list_refuse_to_load(checkpoint_dir):
+    edit_modules(checkpoint_dir, "model.layers.0.self_attn.q_proj", None)
     with pytest.raises(ValueError, match="do not belong together") as refused:
         AutoModelForCausalLM.from_pretrained(checkpoint_dir)
     assert "model.layers.0.self_attn.q_proj" in str(refused.value)
+
+
+@pytest.mark.parametrize(("rank", "says"), [(None, "no factors"), (7, "rank 7")])
+def test_evaluate_refuses_a_config_that_disagrees_with_the_weights(
+    rank, says, rom, checkpoint_dir, calibration_file
+):
+    edit_modules(checkpoint_dir, "model.layers.0.self_attn.q_proj", rank)
     result = rom(
         "evaluate", "--model", checkpoint_dir, "--data", calibration_file, "--seq-len", 32, "--max-windows", 1
     )
-    assert_refused(result, "model.layers.0.self_attn.q_proj", "config.json")
+    assert_refused(result, "config.json and the weights disagree on model.layers.0.self_attn.q_proj", says)
 
 
 def test_a_streamed_compression_reports_the_linears_it_factorized(compress, model_dir, tmp_path):
