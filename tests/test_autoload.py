@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import transformers
 
 from optimum_rom import LowRankOptimizer, RomConfig
 
@@ -33,7 +34,13 @@ def clean_env(**extra: str) -> dict[str, str]:
     """A fresh user's environment: no PYTHONPATH, nothing that imports the plugin, offline."""
     keep = ("PATH", "HOME", "LANG", "OMP_NUM_THREADS", "TMPDIR")
     env = {name: os.environ[name] for name in keep if name in os.environ}
-    return {**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+    return {
+        **env,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +71,11 @@ generate("The city", max_new_tokens=3, do_sample=False)
 
 def test_a_transformers_pipeline_loads_the_factorized_model_without_importing_the_plugin(checkpoint):
     result = subprocess.run(
-        [sys.executable, "-c", PIPELINE, checkpoint], capture_output=True, text=True, env=clean_env(), timeout=600
+        [sys.executable, "-c", PIPELINE, checkpoint],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["FactorizedLinear", "True"]
@@ -77,13 +88,19 @@ def test_the_opt_out_leaves_transformers_untouched(checkpoint):
         text=True,
         env=clean_env(OPTIMUM_ROM_NO_AUTOLOAD="1"),
         timeout=600,
+        cwd=checkpoint.parent,
     )
-    assert result.returncode != 0 and "pip install optimum-rom" in result.stderr  # refused, never random weights
+    assert (
+        result.returncode != 0 and "pip install optimum-rom" in result.stderr
+    )  # refused, never random weights
 
 
 def test_the_stock_lm_eval_cli_scores_a_factorized_checkpoint(checkpoint, tmp_path):
     data = tmp_path / "choices.jsonl"
-    rows = [{"question": f"Question {i}: which is a colour?", "choices": ["red", "table"], "label": 0} for i in range(4)]
+    rows = [
+        {"question": f"Question {i}: which is a colour?", "choices": ["red", "table"], "label": 0}
+        for i in range(4)
+    ]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "rom_tiny_choice.yaml").write_text(TASK.format(data=data))
@@ -99,3 +116,39 @@ def test_the_stock_lm_eval_cli_scores_a_factorized_checkpoint(checkpoint, tmp_pa
     (report,) = (tmp_path / "results").rglob("results_*.json")
     scores = json.loads(report.read_text())["results"]["rom_tiny_choice"]
     assert 0 <= scores["acc,none"] <= 1
+
+
+INSTALLED = """
+import site, sys
+site.addsitedir(sys.argv[1])  # runs the .pth files there, as Python does for site-packages at start-up
+sys.path.append(sys.argv[2])  # the dependencies, without this environment's own start-up files
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
+print(AUTO_QUANTIZATION_CONFIG_MAPPING["rom"].__module__, sys.modules["optimum_rom_autoload"].__file__)
+"""
+
+
+def test_a_wheel_install_carries_the_bundled_data_and_the_start_up_hook(tmp_path):
+    repository = Path(__file__).resolve().parents[1]
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    build = pip + ["wheel", repository, "--no-deps", "--no-build-isolation", "-w", tmp_path / "wheel"]
+    subprocess.run(list(map(str, build)), check=True, capture_output=True, timeout=600)
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    install = pip + ["install", wheel, "--no-deps", "--target", tmp_path / "site"]
+    subprocess.run(list(map(str, install)), check=True, capture_output=True, timeout=600)
+    assert (
+        tmp_path / "site" / "optimum_rom" / "data" / "wikitext2_valid_excerpt.txt"
+    ).stat().st_size > 200_000
+    dependencies = Path(transformers.__file__).parents[1]
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", INSTALLED, tmp_path / "site", dependencies],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=300,
+        cwd=tmp_path,  # not the repository, whose own optimum_rom_autoload.py would be found first
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [
+        "optimum_rom_autoload",
+        str(tmp_path / "site" / "optimum_rom_autoload.py"),
+    ]
