@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .allocation import RankPlan
 from .calibration.walker import BlockStream, capture_block_inputs, chunk_batch_size
-from .checkpoint import PartialOutput, SafetensorsWriter, TensorSpec
+from .checkpoint import PartialOutput, SafetensorsWriter, TensorSpec, ensure_free_space
 from .configs import LowRankConfig
 from .integrations.transformers import ROM_SAFETENSORS_FORMAT, build_factorized_skeleton
 from .memory import map_large_allocations, return_freed_memory
@@ -184,11 +184,12 @@ def compress_streaming(
         writer = SafetensorsWriter(
             partial.path / "model.safetensors", specs, {"format": ROM_SAFETENSORS_FORMAT}
         )
-        partial.size = writer.size
+        # the output file, and the saved hidden states twice while a block's replace the previous ones
+        streams = 1 + (getattr(config, "target", "local") == "dense")
+        partial.size = writer.size + 2 * streams * input_ids.numel() * model.config.hidden_size * 4
         start = partial.progress.get("blocks_done", 0)
-        if (
-            not partial.resumed
-        ):  # journaled only after the first block: a run failing before it leaves nothing
+        if not partial.resumed:  # journaled only after the first block: a failure before it leaves nothing
+            ensure_free_space(partial.path, partial.size)
             writer.create()
             for name in specs:  # embeddings, final norm, untied lm_head: copied one at a time
                 if not name.startswith(blocks_name + "."):
