@@ -44,7 +44,7 @@ def model_card(name: str, config: LowRankConfig, model: nn.Module, report=None) 
         "",
         f"# {name}",
         "",
-        f"A factorized (low-rank) model made with optimum-rom: "
+        "A factorized (low-rank) model made with optimum-rom. Method: "
         f"{METHODS.get(config.quant_method, config.quant_method)}. Every factorized linear is two thin "
         "linears, `up(down(x))`.",
         "",
