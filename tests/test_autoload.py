@@ -61,15 +61,18 @@ def checkpoint(tmp_path_factory, tokenizer, calibration_file):
 
 PIPELINE = """
 import sys
-from transformers import pipeline
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM, pipeline
 assert "optimum_rom" not in sys.modules
 generate = pipeline("text-generation", model=sys.argv[1], device="cpu")
 print(type(generate.model.model.layers[0].self_attn.q_proj).__name__, "optimum_rom" in sys.modules)
 generate("The city", max_new_tokens=3, do_sample=False)
+prepared = Accelerator(cpu=True).prepare(AutoModelForCausalLM.from_pretrained(sys.argv[1]))
+print(type(prepared.model.layers[0].mlp.up_proj).__name__)
 """
 
 
-def test_a_transformers_pipeline_loads_the_factorized_model_without_importing_the_plugin(checkpoint):
+def test_a_pipeline_and_accelerate_load_the_factorized_model_without_importing_the_plugin(checkpoint):
     result = subprocess.run(
         [sys.executable, "-c", PIPELINE, checkpoint],
         capture_output=True,
@@ -78,7 +81,7 @@ def test_a_transformers_pipeline_loads_the_factorized_model_without_importing_th
         timeout=600,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["FactorizedLinear", "True"]
+    assert result.stdout.split() == ["FactorizedLinear", "True", "FactorizedLinear"]
 
 
 def test_the_opt_out_leaves_transformers_untouched(checkpoint):
