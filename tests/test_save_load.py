@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -53,16 +51,6 @@ def test_resaving_a_loaded_model_round_trips(model_dir, calibration_file, tmp_pa
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
     ids = torch.randint(0, 500, (1, 12))
     torch.testing.assert_close(again(ids).logits, loaded(ids).logits, rtol=0, atol=0)
-
-
-def test_loading_without_the_plugin_fails_loudly(model_dir, calibration_file, tmp_path):
-    compress_to(tmp_path / "rom", model_dir, "llama", calibration_file)
-    script = "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(r'%s')"
-    result = subprocess.run(
-        [sys.executable, "-c", script % (tmp_path / "rom")], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode != 0
-    assert "pip install optimum-rom" in result.stderr and "import optimum_rom" in result.stderr
 
 
 def test_a_failed_compression_leaves_no_output_directory(model_dir, calibration_file, tmp_path):
