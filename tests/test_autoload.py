@@ -13,6 +13,8 @@ import transformers
 
 from optimum_rom import LowRankOptimizer, RomConfig
 
+from .conftest import CALIBRATION_TEXT, tiny_model
+
 BIN = Path(sys.executable).parent
 TASK = """
 task: rom_tiny_choice
@@ -44,15 +46,13 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer, calibration_file):
-    from .conftest import tiny_model
-
+def checkpoint(tmp_path_factory, tokenizer):
     directory = tmp_path_factory.mktemp("autoload")
     tiny_model("llama").save_pretrained(directory / "dense")
     tokenizer.save_pretrained(directory / "dense")
     LowRankOptimizer.from_pretrained(directory / "dense").compress(
         RomConfig(params_ratio=0.8, num_samples=4, seq_len=16),
-        calibration=calibration_file,
+        calibration=CALIBRATION_TEXT,
         save_dir=directory / "rom",
         progress=False,
     )
