@@ -32,8 +32,9 @@ class PluginConfigStandIn:
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
-        import optimum_rom  # noqa: F401  (registers the real classes in place of the stand-ins)
         from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
+
+        import optimum_rom  # noqa: F401  (registers the real classes in place of the stand-ins)
 
         config_class = AUTO_QUANTIZATION_CONFIG_MAPPING[config_dict["quant_method"]]
         if config_class is cls:
