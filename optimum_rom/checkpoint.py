@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 OUTPUT_MARKER = ".optimum-rom-output.json"
 
@@ -359,9 +360,7 @@ def is_disk_full(error: BaseException) -> bool:
     codes = (errno.ENOSPC, errno.EDQUOT)
     if isinstance(error, OSError):
         return error.errno in codes
-    return type(error).__name__ == "SafetensorError" and any(
-        f"(os error {code})" in str(error) for code in codes
-    )
+    return isinstance(error, SafetensorError) and any(f"(os error {code})" in str(error) for code in codes)
 
 
 def _size(nbytes: int) -> str:

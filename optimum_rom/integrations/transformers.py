@@ -1,8 +1,10 @@
 """Loading and saving factorized checkpoints through transformers' own ``from_pretrained``.
 
-``import optimum_rom`` registers our configs and quantizer in transformers' quantizer registry,
+``import optimum_rom`` registers our configs and quantizer in transformers' quantizer registry
+(with the plugin installed, ``optimum_rom_autoload`` does that import when a checkpoint needs it),
 so ``AutoModelForCausalLM.from_pretrained(dir)`` rebuilds the factorized skeleton from
-``config.json``'s ``quantization_config.modules`` before the weights are read.
+``config.json``'s ``quantization_config.modules`` before the weights are read. Factors the config
+does not list, or listed factors the weights lack, refuse to load instead of being random-initialized.
 
 Why the safetensors format tag: stock transformers skips an unknown ``quantization_config``
 with a warning and silently random-initialises every weight it cannot find, so a factorized
