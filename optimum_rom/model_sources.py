@@ -64,6 +64,13 @@ def resolve_model_path(source: str | Path) -> tuple[Path, str | None]:
     )
 
 
+def source_name(source: str | Path) -> str:
+    """How to name a model source so that :func:`load_model` finds it again: an alias as it is, a
+    path made absolute (a compressed checkpoint records it, to be compared with its dense model)."""
+    text = str(source)
+    return text if text in KNOWN_MODELS else str(Path(text).expanduser().resolve())
+
+
 def load_model(source, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` from a model source; a ``PreTrainedModel`` is passed through (tokenizer ``None``)."""
     from transformers import AutoTokenizer, PreTrainedModel
