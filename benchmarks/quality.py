@@ -11,8 +11,10 @@ The run is resumable: every (model, task) result is saved in ``results.json`` as
 exists and skipped on the next run with the same settings; saved checkpoints are reloaded
 instead of compressed again.
 
-Methods are the ``METHODS`` table (name -> config factory for a params ratio): adding a
-method to the benchmark is one line there.
+Methods are the ``METHODS`` table (name -> config factory for a params ratio, and the calibration
+source when it is not the ``--calibration`` text): adding a method to the benchmark is one line
+there. The ``-chat`` rows calibrate on the dense model's own answers to the bundled prompts, the
+``-mixNN`` rows on those mixed with NN% windows of the ``--calibration`` text.
 
 Data: ``--data-dir`` is a folder laid out for ``optimum-cli rom evaluate``. Without it, one is
 built in ``<output>/data`` from the project's shared data folder (``--shared-data``):
@@ -32,6 +34,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from optimum_rom import LowRankConfig, LowRankOptimizer, RomConfig, SvdConfig
+from optimum_rom.calibration.data import CalibrationSource, ChatCalibration
 from optimum_rom.evaluation.suite import TASKS, ZERO_SHOT_TASKS, EvaluationOptions, parse_tasks, summarize
 from optimum_rom.evaluation.suite import evaluate as run_tasks
 from optimum_rom.model_sources import DEFAULT_MODEL
@@ -49,17 +53,41 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 BUNDLED_CALIBRATION = ROOT / "optimum_rom" / "data" / "wikitext2_valid_excerpt.txt"
 DENSE = "dense"
 
-# name -> config for a params ratio. Calibration shape (samples x tokens) comes from the command line.
-METHODS: dict[str, Callable[..., LowRankConfig]] = {
-    "rom-paper": lambda ratio, **calib: RomConfig(params_ratio=ratio, allocation="paper", **calib),
-    "rom-uniform": lambda ratio, **calib: RomConfig(params_ratio=ratio, allocation="uniform", **calib),
-    "svd": lambda ratio, **calib: SvdConfig(params_ratio=ratio),
-    "rom-auto": lambda ratio, **calib: RomConfig.from_preset("auto", params_ratio=ratio, **calib),
-    "rom-auto-heal15": lambda ratio, **calib: RomConfig.from_preset(
-        "auto", params_ratio=ratio, heal_minutes=15, **calib
+
+@dataclass(frozen=True)
+class Method:
+    """A table row's recipe: its config for a params ratio (calibration shape from the command line)
+    and, when it does not calibrate on the ``--calibration`` text, its calibration source."""
+
+    config: Callable[..., LowRankConfig]
+    calibration: Callable[[Path], CalibrationSource] | None = None
+
+
+def _auto(heal_minutes: float = 0) -> Callable[..., LowRankConfig]:
+    return lambda ratio, **calib: RomConfig.from_preset(
+        "auto", params_ratio=ratio, heal_minutes=heal_minutes, **calib
+    )
+
+
+def _chat(text_share: float, sample: bool = False) -> Callable[[Path], CalibrationSource]:
+    return lambda text: ChatCalibration(text=text, text_share=text_share, sample=sample)
+
+
+METHODS: dict[str, Method] = {
+    "rom-paper": Method(lambda ratio, **calib: RomConfig(params_ratio=ratio, allocation="paper", **calib)),
+    "rom-uniform": Method(
+        lambda ratio, **calib: RomConfig(params_ratio=ratio, allocation="uniform", **calib)
     ),
+    "svd": Method(lambda ratio, **calib: SvdConfig(params_ratio=ratio)),
+    "rom-auto": Method(_auto()),
+    "rom-auto-heal15": Method(_auto(15)),
+    "rom-auto-chat": Method(_auto(), _chat(0.0)),
+    "rom-auto-chat-heal15": Method(_auto(15), _chat(0.0)),
+    "rom-auto-chat-sampled": Method(_auto(), _chat(0.0, sample=True)),
+    **{f"rom-auto-mix{share}": Method(_auto(), _chat(share / 100)) for share in (25, 50, 75)},
+    **{f"rom-auto-mix{share}-heal15": Method(_auto(15), _chat(share / 100)) for share in (25, 50, 75)},
 }
-DEFAULT_TASKS = ["wikitext2", *ZERO_SHOT_TASKS, "gsm8k_loss"]
+DEFAULT_TASKS = ["wikitext2", "chat", *ZERO_SHOT_TASKS, "gsm8k_loss"]
 GSM8K_HELD_OUT = 500  # the held-out split the application-specific pass does not train on
 GSM8K_FILES = ("gsm8k.test.jsonl", "gsm8k.train.jsonl")  # written from the split, not linked
 STAND_INS = {
@@ -73,7 +101,8 @@ def build_data_dir(shared: Path, target: Path) -> Path:
     if not shared.is_dir():
         raise FileNotFoundError(f"shared data folder not found: {shared}; pass --shared-data or --data-dir")
     target.mkdir(parents=True, exist_ok=True)
-    needed = {name for task in TASKS.values() for name in task.files} - set(GSM8K_FILES)
+    needed = {name for task in TASKS.values() for name in task.files if name not in task.bundled}
+    needed -= set(GSM8K_FILES)
     for name in sorted(needed):
         source = shared / STAND_INS.get(name, name)
         if source.is_file() and not (target / name).exists():
@@ -165,8 +194,10 @@ def load_or_compress(args, method: str, ratio: float, store: ResultStore):
     optimizer = LowRankOptimizer.from_pretrained(args.model)
     if method == DENSE:
         return optimizer.model, optimizer.tokenizer
-    config = METHODS[method](ratio, num_samples=args.num_samples, seq_len=args.calibration_seq_len)
-    optimizer.compress(config, calibration=args.calibration, save_dir=checkpoint, overwrite=True)
+    recipe = METHODS[method]
+    config = recipe.config(ratio, num_samples=args.num_samples, seq_len=args.calibration_seq_len)
+    calibration = recipe.calibration(args.calibration) if recipe.calibration else args.calibration
+    optimizer.compress(config, calibration=calibration, save_dir=checkpoint, overwrite=True)
     store.run(model_key(method, ratio))["compression"] = optimizer.report.to_dict()
     store.save()
     return optimizer.model, optimizer.tokenizer
@@ -185,7 +216,11 @@ def run_benchmark(args) -> ResultStore:
     args.output.mkdir(parents=True, exist_ok=True)
     store = ResultStore(args.output / "results.json", settings)
     options = EvaluationOptions(
-        limit=args.limit, seq_len=args.seq_len, max_windows=args.max_windows, batch_size=args.batch_size
+        limit=args.limit,
+        seq_len=args.seq_len,
+        max_windows=args.max_windows,
+        batch_size=args.batch_size,
+        reference=str(args.model),
     )
     rows = [(DENSE, 1.0)] + [(m, r) for r in args.ratios if r < 1.0 for m in args.methods]
     pending = [
@@ -217,7 +252,11 @@ def write_reports(store: ResultStore, args) -> None:
     plot(store.data, args.output / "quality.png")
 
 
-DECIMALS = {"WikiText-2 ppl": 2, "GSM8K answer loss": 3}  # the rest: accuracies in %, 1 decimal
+DECIMALS = {
+    "WikiText-2 ppl": 2,
+    "GSM8K answer loss": 3,
+    "chat answer CE": 3,
+}  # the rest: accuracies in %, 1 decimal
 
 
 def _format(column: str, value: float) -> str:
@@ -238,6 +277,12 @@ def _headline(run: dict[str, Any]) -> dict[str, float]:
         values["zero-shot avg"] = 100 * summarize(tasks)["zero_shot_acc_mean"]
     if "gsm8k_loss" in tasks:
         values["GSM8K answer loss"] = tasks["gsm8k_loss"]["loss"]
+    if "chat" in tasks:
+        chat = tasks["chat"]
+        values.update(
+            {"chat answer CE": chat["answer_ce"], "chat = dense (16 tok) %": 100 * chat["agreement"]}
+        )
+        values["chat empty %"] = 100 * chat["empty"]
     return values
 
 
@@ -299,7 +344,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
 
     rows = _rows(data)
     dense = next((_headline(run) for method, _, run in rows if method == DENSE), {})
-    panels = [p for p in ("WikiText-2 ppl", "zero-shot avg", "GSM8K answer loss") if any(
+    panels = [p for p in ("WikiText-2 ppl", "chat answer CE", "zero-shot avg", "GSM8K answer loss") if any(
         p in _headline(run) for _, _, run in rows
     )]  # fmt: skip
     if not panels:

@@ -4,7 +4,8 @@ LoRA adapters (PEFT) go on every linear inside the decoder blocks, and for facto
 the two factors themselves (``q_proj.down``, ``q_proj.up``), so merging them back leaves every
 matrix exactly the size it was: the model keeps its parameter count. The loss is the language
 modelling loss on the user's text, or (``distill``) the KL divergence to the dense model's
-next-token distribution, which carries more signal per token.
+next-token distribution, which carries more signal per token. Either counts only the data's
+target tokens: for chat data, what the assistant says.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration.data import CalibrationSet
 from .structure import find_blocks
 
 
@@ -47,7 +49,7 @@ def block_linear_names(model: nn.Module) -> list[str]:
 
 def heal(
     model: nn.Module,
-    input_ids: torch.Tensor,
+    data: CalibrationSet,
     minutes: float,
     teacher: nn.Module | None = None,
     lora_rank: int = 16,
@@ -57,7 +59,7 @@ def heal(
     seed: int = 0,
     progress: bool = True,
 ) -> HealingReport:
-    """Fine-tune ``model`` in place for about ``minutes`` on windows of ``input_ids`` (samples, seq_len).
+    """Fine-tune ``model`` in place for about ``minutes`` on the windows of ``data``.
 
     With a ``teacher`` (the dense model) the loss is the distillation KL, otherwise next-token
     cross-entropy. The adapters are merged before returning, so the model's sizes are unchanged.
@@ -78,9 +80,8 @@ def heal(
     peft_model.train()
     try:
         while time.perf_counter() - started < budget:
-            rows = torch.randint(0, input_ids.shape[0], (batch_size,), generator=generator)
-            batch = input_ids[rows]
-            loss = _loss(peft_model, teacher, batch, temperature)
+            rows = torch.randint(0, len(data), (batch_size,), generator=generator)
+            loss = _loss(peft_model, teacher, data.rows(rows), temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -96,7 +97,7 @@ def heal(
     tail = losses[-max(1, len(losses) // 10) :]
     return HealingReport(
         steps=len(losses),
-        tokens=len(losses) * batch_size * input_ids.shape[1],
+        tokens=len(losses) * batch_size * data.input_ids.shape[1],
         seconds=time.perf_counter() - started,
         first_loss=losses[0] if losses else math.nan,
         last_loss=sum(tail) / len(tail) if tail else math.nan,
@@ -104,13 +105,17 @@ def heal(
 
 
 def _loss(
-    model: nn.Module, teacher: nn.Module | None, batch: torch.Tensor, temperature: float
+    model: nn.Module, teacher: nn.Module | None, batch: CalibrationSet, temperature: float
 ) -> torch.Tensor:
+    ids = batch.input_ids
     if teacher is None:
-        return model(input_ids=batch, labels=batch).loss
-    logits = model(input_ids=batch).logits[:, :-1].float()
+        return model(input_ids=ids, labels=batch.labels()).loss
+    logits = model(input_ids=ids).logits[:, :-1].float()
     with torch.no_grad():
-        reference = teacher(input_ids=batch).logits[:, :-1].float()
-    student = F.log_softmax(logits / temperature, dim=-1).flatten(0, 1)
-    dense = F.log_softmax(reference / temperature, dim=-1).flatten(0, 1)
+        reference = teacher(input_ids=ids).logits[:, :-1].float()
+    if batch.loss_mask is not None:  # the positions that predict a target token
+        predicts = batch.loss_mask[:, 1:]
+        logits, reference = logits[predicts], reference[predicts]
+    student = F.log_softmax(logits / temperature, dim=-1).flatten(0, -2)
+    dense = F.log_softmax(reference / temperature, dim=-1).flatten(0, -2)
     return F.kl_div(student, dense, log_target=True, reduction="batchmean") * temperature**2

@@ -74,6 +74,13 @@ def resolve_model_path(source: str | Path) -> tuple[Path, str | None]:
     )
 
 
+def source_name(source: str | Path) -> str:
+    """How to name a model source so that :func:`load_model` finds it again: an alias as it is, a
+    path made absolute (a compressed checkpoint records it, to be compared with its dense model)."""
+    text = str(source)
+    return text if text in KNOWN_MODELS else str(Path(text).expanduser().resolve())
+
+
 def check_model_files(directory: Path) -> None:
     """Refuse a model directory whose files cannot be what they claim, before anything loads it.
 

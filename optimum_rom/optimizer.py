@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,13 +13,22 @@ import torch
 from optimum.quantization_base import OptimumQuantizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .calibration.data import CalibrationSource, describe_source, load_calibration
+from .calibration.data import (
+    BUNDLED_TEXT,
+    CalibrationSet,
+    CalibrationSource,
+    ChatCalibration,
+    as_chat_calibration,
+    describe_source,
+    load_calibration,
+)
+from .chat import Answerer, files_identity, weights_identity
 from .checkpoint import atomic_directory, check_output_dir, check_output_space, default_work_dir, stored_bytes
 from .configs import LowRankConfig
 from .healing import heal
 from .integrations.transformers import attach_quantizer, factorized_ranks
 from .model_card import write_model_card
-from .model_sources import load_causal_lm, load_model, resolve_model_path
+from .model_sources import load_causal_lm, load_model, resolve_model_path, source_name
 from .passes import PassData, pass_for
 from .preflight import check_calibration_memory, check_context_length
 from .streaming import LazyCheckpoint, compress_streaming
@@ -84,6 +94,7 @@ class LowRankOptimizer(OptimumQuantizer):
         tokenizer=None,
         source: Path | None = None,
         dtype: torch.dtype = torch.float32,
+        source_name: str | None = None,
     ) -> None:
         if model is None and source is None:
             raise ValueError("LowRankOptimizer needs a model or a source directory")
@@ -91,6 +102,7 @@ class LowRankOptimizer(OptimumQuantizer):
         self.tokenizer = tokenizer
         self.source = source
         self.dtype = dtype
+        self.source_name = source_name
         self.report: CompressionReport | None = None
 
     @classmethod
@@ -99,12 +111,16 @@ class LowRankOptimizer(OptimumQuantizer):
     ) -> LowRankOptimizer:
         """From a model object, a local HF directory, a ``.gguf`` file, or a known alias."""
         if isinstance(model_or_path, PreTrainedModel):
-            return cls(model_or_path, tokenizer)
+            return cls(
+                model_or_path, tokenizer, source_name=getattr(model_or_path, "name_or_path", None) or None
+            )
         directory, gguf_file = resolve_model_path(model_or_path)
+        name = source_name(model_or_path)
         if gguf_file is not None:
             model, loaded_tokenizer = load_model(model_or_path, dtype=dtype)
-            return cls(model, tokenizer or loaded_tokenizer, source=directory / gguf_file)
-        return cls(None, tokenizer or AutoTokenizer.from_pretrained(directory), source=directory, dtype=dtype)
+            return cls(model, tokenizer or loaded_tokenizer, source=directory / gguf_file, source_name=name)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(directory)
+        return cls(None, tokenizer, source=directory, dtype=dtype, source_name=name)
 
     @property
     def model(self) -> PreTrainedModel:
@@ -125,15 +141,20 @@ class LowRankOptimizer(OptimumQuantizer):
         train_dataset: TaskSource | None = None,
         task: str | TaskFormat = "gsm8k",
         text_field: str = "text",
+        chat: bool = False,
         overwrite: bool = False,
         work_dir: str | Path | None = None,
         progress: bool = True,
     ) -> PreTrainedModel:
         """Compress the model with the pass ``config`` selects; save it if ``save_dir`` is given.
 
-        ROM calibrates on ``calibration`` text (``text_field`` names jsonl fields); Basis Selection
-        trains on ``train_dataset``, a jsonl of prompt/answer records formatted by ``task`` (a preset
-        name or a TaskFormat) or a list of PromptAnswer. A training pass keeps its progress in
+        ROM calibrates on ``calibration``: plain text (``text_field`` names jsonl fields), chat data
+        (a jsonl of conversations, detected from its records or forced with ``chat=True``, or a
+        :class:`ChatCalibration`), or ``"self"``: the dense model's own answers to a bundled prompt set,
+        mixed with plain text, which is also the default for models with a chat template (the answers
+        are generated once per model and cached). Basis Selection trains on ``train_dataset``, a jsonl
+        of prompt/answer records formatted by ``task`` (a preset name or a TaskFormat) or a list of
+        PromptAnswer. A training pass keeps its progress in
         ``work_dir`` (default: a hidden directory next to ``save_dir``), so rerunning an interrupted
         job continues from its last completed round; the directory is removed once the model is saved.
 
@@ -159,15 +180,17 @@ class LowRankOptimizer(OptimumQuantizer):
             check_context_length(model_config, config.seq_len)
         if compression_pass.data is PassData.CALIBRATION:
             check_calibration_memory(model_config, config)
+        streamed = save_dir is not None and self._model is None and compression_pass.streams(config)
+        config.source_model = self.source_name
         if compression_pass.data is PassData.TASK:
             data = self._training_examples(config, train_dataset, task, calibration)
             config.calibration = describe_task_source(train_dataset, task)
         elif compression_pass.data is PassData.CALIBRATION:
-            data = self._calibration_ids(config, calibration, train_dataset, text_field)
+            calibration = self._calibration_source(config, calibration, train_dataset, chat)
             config.calibration = describe_source(calibration)
+            data, heal_data = self._calibration_data(config, calibration, text_field, streamed, progress)
         else:  # data-free (e.g. SVD)
-            data = calibration = config.calibration = None
-        streamed = save_dir is not None and self._model is None and compression_pass.streams(config)
+            data = heal_data = config.calibration = None
         lazy = LazyCheckpoint(self.source) if streamed else None
         model = lazy.model if streamed else self.model
         check_compressible(model)
@@ -206,10 +229,7 @@ class LowRankOptimizer(OptimumQuantizer):
         if heal_minutes:
             if config.heal_distill and teacher is None:
                 teacher = load_causal_lm(self.source)
-            heal_ids = load_calibration(
-                calibration, self.tokenizer, HEAL_SAMPLES, HEAL_SEQ_LEN, config.seed + 1, text_field
-            )
-            healing = heal(self._model, heal_ids, heal_minutes, teacher=teacher, progress=progress)
+            healing = heal(self._model, heal_data, heal_minutes, teacher=teacher, progress=progress)
             del teacher
         self.report = CompressionReport(
             method=config.quant_method,
@@ -238,30 +258,68 @@ class LowRankOptimizer(OptimumQuantizer):
         loaded_from = getattr(getattr(self._model, "config", None), "_name_or_path", None)
         return [Path(loaded_from) if loaded_from else None]
 
-    def _calibration_ids(
+    def _calibration_source(
         self,
         config: LowRankConfig,
         calibration: CalibrationSource | None,
         train_dataset: TaskSource | None,
-        text_field: str,
-    ) -> torch.Tensor:
+        chat: bool,
+    ) -> CalibrationSource:
+        """The calibration to use: the given one; given none, self-calibration for a chat model and the
+        bundled WikiText-2 excerpt for any other."""
         name = type(config).__name__
         if train_dataset is not None:
             raise ValueError(
                 f"{name} calibrates on text, not on prompt/answer pairs: pass calibration= instead of "
                 "train_dataset= (a jsonl works too: calibration='data.jsonl', text_field='question,answer')"
             )
-        if calibration is None:
-            raise ValueError(
-                "calibration data is required: a text or jsonl file, a list of strings, or token ids"
+        if calibration is None:  # chat models answer the bundled prompts; others read the bundled text
+            calibration = (
+                ChatCalibration() if getattr(self.tokenizer, "chat_template", None) else BUNDLED_TEXT
             )
         if self.tokenizer is None and not isinstance(calibration, torch.Tensor):
             raise ValueError(
                 "text calibration needs a tokenizer: pass tokenizer= to LowRankOptimizer.from_pretrained"
             )
-        return load_calibration(
-            calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed, text_field
+        return as_chat_calibration(calibration, chat) or calibration
+
+    def _calibration_data(
+        self,
+        config: LowRankConfig,
+        calibration: CalibrationSource,
+        text_field: str,
+        streamed: bool,
+        progress: bool,
+    ) -> tuple[CalibrationSet, CalibrationSet | None]:
+        """The calibration windows, and the healing windows when the config heals.
+
+        Self-calibration generates with the dense model, so both are made before it is compressed:
+        with the model in memory, or (streamed runs) with a copy loaded only if its answers are not
+        cached yet, and freed once they are.
+        """
+        dense = None
+        if isinstance(calibration, ChatCalibration) and calibration.conversations is None:
+            identity = (
+                weights_identity(self._model) if self._model is not None else files_identity(self.source)
+            )
+            dense = Answerer(identity, lambda: load_causal_lm(self.source) if streamed else self.model)
+        seed, options = config.seed, (text_field, dense, progress)
+        data = load_calibration(
+            calibration, self.tokenizer, config.num_samples, config.seq_len, seed, *options
         )
+        if len(data) < config.num_samples:
+            warnings.warn(
+                f"the chat calibration fills {len(data)} windows of {config.seq_len} tokens, fewer than the "
+                f"{config.num_samples} asked for: give more conversations, or fewer or shorter samples "
+                "(num_samples, seq_len)",
+                stacklevel=3,
+            )
+        heal_data = None
+        if getattr(config, "heal_minutes", 0):
+            heal_data = load_calibration(
+                calibration, self.tokenizer, HEAL_SAMPLES, HEAL_SEQ_LEN, seed + 1, *options
+            )
+        return data, heal_data
 
     def _training_examples(
         self,

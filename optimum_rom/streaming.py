@@ -28,6 +28,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .allocation import RankPlan
+from .calibration.data import CalibrationSet
 from .calibration.walker import BlockStream, capture_block_inputs, chunk_batch_size
 from .checkpoint import PartialOutput, SafetensorsWriter, TensorSpec, ensure_free_space
 from .configs import LowRankConfig
@@ -168,7 +169,7 @@ def compress_streaming(
     tokenizer,
     config: LowRankConfig,
     plan: RankPlan,
-    input_ids: torch.Tensor,
+    data: CalibrationSet,
     run: Callable[..., RankPlan],
     save_dir: str | Path,
     overwrite: bool = False,
@@ -178,7 +179,7 @@ def compress_streaming(
     map_large_allocations()
     model = source.model
     blocks_name, blocks = find_blocks(model)
-    fingerprint = _fingerprint(source, config, plan, input_ids)
+    fingerprint = _fingerprint(source, config, plan, data.input_ids)
     specs = output_specs(source, config, plan)
     with PartialOutput(save_dir, overwrite, fingerprint, resumable=True) as partial:
         writer = SafetensorsWriter(
@@ -186,7 +187,7 @@ def compress_streaming(
         )
         # the output file, and the saved hidden states twice while a block's replace the previous ones
         streams = 1 + (getattr(config, "target", "local") == "dense")
-        partial.size = writer.size + 2 * streams * input_ids.numel() * model.config.hidden_size * 4
+        partial.size = writer.size + 2 * streams * data.input_ids.numel() * model.config.hidden_size * 4
         start = partial.progress.get("blocks_done", 0)
         if not partial.resumed:  # journaled only after the first block: a failure before it leaves nothing
             ensure_free_space(partial.path, partial.size)
@@ -194,12 +195,12 @@ def compress_streaming(
             for name in specs:  # embeddings, final norm, untied lm_head: copied one at a time
                 if not name.startswith(blocks_name + "."):
                     writer.write(source.read([name]))
-            save_streams(partial.path / _HIDDEN_FILE, _embed(source, blocks, input_ids), None)
+            save_streams(partial.path / _HIDDEN_FILE, _embed(source, blocks, data.input_ids), None)
         # Copies: the walker updates the streams in place, and loaded tensors are read-only file views.
         saved = {name: tensor.clone() for name, tensor in load_file(partial.path / _HIDDEN_FILE).items()}
         residency = StreamingBlocks(source, blocks_name, writer, partial)
         stream = BlockStream(residency, start, saved["hidden"], saved.get("reference"))
-        run(model, config, input_ids, plan=plan, progress=progress, stream=stream)
+        run(model, config, data, plan=plan, progress=progress, stream=stream)
 
         (partial.path / _HIDDEN_FILE).unlink()
         final_config = copy.deepcopy(source.config)

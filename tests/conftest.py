@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -71,6 +72,26 @@ def tokenizer(tmp_path_factory):
     )
 
 
+CHAT_TEMPLATE = (  # ChatML with the tiny tokenizer's special tokens; </s> ends a turn
+    "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(tokenizer):
+    """The tiny tokenizer with a chat template, as an Instruct model's tokenizer has."""
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = CHAT_TEMPLATE
+    return chat
+
+
+@pytest.fixture(scope="session", autouse=True)
+def answer_cache(tmp_path_factory):
+    """Cached model answers (self-calibration, the chat task) go to a scratch folder, not the user's cache."""
+    os.environ["OPTIMUM_ROM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture
 def calibration_file() -> Path:
     return CALIBRATION_TEXT
@@ -80,10 +101,10 @@ def calibration_file() -> Path:
 def model_dir(tmp_path, tokenizer):
     """Save a tiny model + tokenizer as an ordinary Hugging Face directory; returns a factory by arch."""
 
-    def make(arch: str = "llama") -> Path:
+    def make(arch: str = "llama", with_tokenizer=None) -> Path:
         directory = tmp_path / f"dense-{arch}"
         tiny_model(arch).save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
+        (with_tokenizer or tokenizer).save_pretrained(directory)
         return directory
 
     return make

@@ -3,6 +3,7 @@ import torch
 
 from optimum_rom import RomConfig
 from optimum_rom.allocation import UnreachableTargetError, plan_by_damage, rank_for_budget
+from optimum_rom.calibration.data import CalibrationSet
 from optimum_rom.passes.rom import plan_rom
 from optimum_rom.structure import count_parameters, find_linear_sites
 
@@ -32,7 +33,8 @@ def test_adaptive_allocation_measures_the_model_and_reaches_the_target(arch):
     input_ids = torch.randint(
         0, model.config.vocab_size, (16, 32), generator=torch.Generator().manual_seed(0)
     )
-    plan = plan_rom(model, RomConfig(params_ratio=0.7, allocation="adaptive"), input_ids, progress=False)
+    config = RomConfig(params_ratio=0.7, allocation="adaptive")
+    plan = plan_rom(model, config, CalibrationSet(input_ids), progress=False)
     assert plan.kept_params <= 0.7 * count_parameters(model)
     assert plan.ratio == pytest.approx(0.7, rel=0.01)
     assert len(set(plan.ranks.values())) > 1  # not uniform

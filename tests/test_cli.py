@@ -189,3 +189,40 @@ def test_compress_with_the_svd_baseline_needs_no_calibration(model_dir, tmp_path
     assert result.returncode == 0, result.stderr
     config = json.loads((tmp_path / "svd" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "svd" and config["calibration"] is None
+
+
+def test_a_chat_model_is_compressed_on_its_own_answers_and_scored_on_chat(
+    chat_tokenizer, model_dir, tmp_path
+):
+    dense = model_dir("llama", with_tokenizer=chat_tokenizer)
+    result = optimum_cli(
+        "rom", "compress", "--model", dense, "--params-ratio", 0.8, "--num-samples", 8, "--seq-len", 48,
+        "--calibration-mix", 0.25, "--answer-tokens", 8, "--output", tmp_path / "rom",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "rom" / "config.json").read_text())["quantization_config"]
+    assert saved["calibration"] == (
+        "self-generated answers to bundled prompts (greedy, up to 8 tokens) + 25% bundled WikiText-2 excerpt"
+    )
+
+    result = optimum_cli(
+        "rom", "evaluate", "--model", tmp_path / "rom", "--task", "chat", "--limit", 3, "--max-new-tokens", 6,
+        "--output-json", tmp_path / "chat.json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    chat = json.loads((tmp_path / "chat.json").read_text())["tasks"]["chat"]
+    assert chat["items"] == 3 and 0 <= chat["agreement"] <= 1 and chat["answer_ce"] > 0
+    assert "> What is the capital of France?" in result.stdout and "dense:" in result.stdout
+
+
+def test_chat_options_on_plain_text_are_one_clear_error(model_dir, calibration_file, tmp_path):
+    result = optimum_cli(
+        "rom", "compress", "--model", model_dir("llama"), "--calibration", calibration_file,
+        "--calibration-mix", 0.5, "--output", tmp_path / "rom",
+    )  # fmt: skip
+    assert result.returncode == 2 and "is plain text" in result.stderr and "Traceback" not in result.stderr
+    result = optimum_cli(
+        "rom", "compress", "--model", model_dir("llama"), "--calibration", "self", "--output", tmp_path / "rom"
+    )  # fmt: skip
+    assert result.returncode == 2 and "tokenizer has none" in result.stderr
+    assert not (tmp_path / "rom").exists()

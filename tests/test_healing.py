@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from optimum_rom import FactorizedLinear, LowRankOptimizer, RomConfig
+from optimum_rom.calibration.data import CalibrationSet
 from optimum_rom.healing import block_linear_names, heal
 
 from .conftest import tiny_model
@@ -26,7 +27,7 @@ def test_lora_goes_on_the_factors_so_sizes_survive_the_merge(tokenizer, calibrat
     before = model.model.layers[0].mlp.up_proj.down.weight.detach().clone()
 
     ids = torch.randint(0, 500, (32, 24))
-    report = heal(model, ids, minutes=0.05, progress=False)
+    report = heal(model, CalibrationSet(ids), minutes=0.05, progress=False)
 
     assert report.steps > 0 and report.tokens == report.steps * 4 * 24
     assert model.num_parameters() == parameters
@@ -45,7 +46,7 @@ def test_distillation_moves_the_student_towards_the_teacher(tokenizer, calibrati
             return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean").item()
 
     before = divergence()
-    heal(student, ids, minutes=0.1, teacher=teacher, lr=1e-3, progress=False)
+    heal(student, CalibrationSet(ids), minutes=0.1, teacher=teacher, lr=1e-3, progress=False)
     assert divergence() < before
 
 

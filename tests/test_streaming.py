@@ -93,8 +93,9 @@ def test_a_killed_run_resumes_and_produces_the_identical_checkpoint(model_dir, c
 CTRL_C_AFTER_SECOND_BLOCK = textwrap.dedent(
     """
     import sys
-    from argparse import Namespace
+    from argparse import ArgumentParser
     import optimum_rom.streaming as streaming
+    from optimum.commands.register.register_rom import RomCompressCommand
     from optimum_rom.integrations.cli import run_command
 
     done = streaming.StreamingBlocks.done
@@ -104,12 +105,12 @@ CTRL_C_AFTER_SECOND_BLOCK = textwrap.dedent(
             raise KeyboardInterrupt
     streaming.StreamingBlocks.done = done_then_interrupt
     model, calibration, output = sys.argv[1:]
-    args = Namespace(
-        model=model, output=output, method="rom", preset="uniform", params_ratio=0.7, allocation=None,
-        num_trailing_blocks=None, target=None, refine_epochs=None, heal_minutes=None, heal_distill=None,
-        calibration=calibration, text_field="text", num_samples=8, seq_len=32, seed=0, target_modules=None,
-        overwrite=False,
-    )
+    parser = ArgumentParser()
+    RomCompressCommand.parse_args(parser)  # the command's own options, as optimum-cli parses them
+    args = parser.parse_args([
+        "--model", model, "--output", output, "--params-ratio", "0.7", "--calibration", calibration,
+        "--num-samples", "8", "--seq-len", "32",
+    ])
     run_command("compress", args)
     """
 )

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..structure import LinearSite
+from .data import CalibrationSet
 from .statistics import collect_block_statistics
 from .walker import walk_blocks
 
@@ -28,7 +29,7 @@ GRADIENT_BATCH = 8
 
 def measure_damage(
     model: nn.Module,
-    input_ids: torch.Tensor,
+    data: CalibrationSet,
     sites: list[LinearSite],
     center: bool = True,
     progress: bool = True,
@@ -36,10 +37,11 @@ def measure_damage(
     """``damage[name][r]``: estimated loss increase of keeping rank ``r`` of that linear (float64).
 
     Two passes over the dense model: a forward/backward on a few calibration sequences for
-    the output gradients, and the block-by-block walk for the output spectra.
+    the output gradients (of the loss on the data's target tokens: what the assistant says, for
+    chat data), and the block-by-block walk for the output spectra (every token).
     """
-    gradients = mean_squared_output_gradients(model, input_ids[:GRADIENT_SAMPLES], sites)
-    spectra = output_spectra(model, input_ids, sites, center, progress)
+    gradients = mean_squared_output_gradients(model, data.rows(slice(GRADIENT_SAMPLES)), sites)
+    spectra = output_spectra(model, data.input_ids, sites, center, progress)
     damage = {}
     for site in sites:
         values = spectra[site.name]
@@ -49,7 +51,7 @@ def measure_damage(
 
 
 def mean_squared_output_gradients(
-    model: nn.Module, input_ids: torch.Tensor, sites: list[LinearSite]
+    model: nn.Module, data: CalibrationSet, sites: list[LinearSite]
 ) -> dict[str, float]:
     """Mean over tokens and output features of (d loss / d output)^2, per linear.
 
@@ -73,10 +75,13 @@ def mean_squared_output_gradients(
     try:
         for parameter in trainable:
             parameter.requires_grad_(False)
-        for batch in input_ids.split(GRADIENT_BATCH):
-            batch = batch.to(embeddings.weight.device)
+        batches = zip(data.input_ids.split(GRADIENT_BATCH), data.labels().split(GRADIENT_BATCH), strict=True)
+        for batch, labels in batches:
+            if not (labels[:, 1:] != -100).any():
+                continue  # no target token: no loss to differentiate
+            batch, labels = batch.to(embeddings.weight.device), labels.to(embeddings.weight.device)
             inputs = embeddings(batch).detach().requires_grad_()
-            model(inputs_embeds=inputs, labels=batch, use_cache=False).loss.backward()
+            model(inputs_embeds=inputs, labels=labels, use_cache=False).loss.backward()
     finally:
         for hook in hooks:
             hook.remove()

@@ -28,6 +28,8 @@ class LowRankConfig(QuantizationConfigMixin):
         modules: filled by the pass: module name -> rank of every factorized linear. This is
             what loading uses to rebuild the factorized skeleton.
         calibration: filled by the optimizer: a short description of the calibration source.
+        source_model: filled by the optimizer: the dense model compressed (a known alias or an
+            absolute path), which the chat evaluation compares the compressed model's answers with.
     """
 
     params_ratio: float = 0.8
@@ -37,6 +39,7 @@ class LowRankConfig(QuantizationConfigMixin):
     seed: int = 0
     modules: dict[str, int] = field(default_factory=dict)
     calibration: str | None = None
+    source_model: str | None = None
     quant_method: str = ""
 
     def __post_init__(self) -> None:

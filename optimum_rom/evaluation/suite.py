@@ -4,7 +4,8 @@ A data directory is laid out like the project's shared data folder: ``wiki.test.
 ``boolq_validation.jsonl``, ``piqa_validation.jsonl``, ``hellaswag_validation.jsonl``,
 ``winogrande_xl_validation.jsonl``, ``arc_easy_test.jsonl``, ``arc_challenge_test.jsonl``,
 ``openbookqa_test.jsonl``, ``gsm8k.test.jsonl`` (+ ``gsm8k.train.jsonl`` for few-shot
-exemplars) and ``HumanEval.jsonl.gz``. Only the files of the requested tasks must exist.
+exemplars), ``HumanEval.jsonl.gz`` and ``chat_prompts.jsonl``. Only the files of the requested tasks
+must exist; the chat task falls back to the prompts bundled with the package.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..calibration.data import BUNDLED
+from ..chat import Answerer, read_conversations, weights_identity
 from ..task_data import load_pairs, split_pairs
+from .chat import evaluate_chat
 from .gsm8k import evaluate_gsm8k
 from .harness import MULTIPLE_CHOICE_TASKS, evaluate_multiple_choice, make_lm
 from .humaneval import evaluate_humaneval
@@ -31,8 +35,11 @@ class EvaluationOptions:
     seq_len: int = 512  # WikiText-2 window
     max_windows: int | None = None  # WikiText-2 windows scored (None: all)
     num_fewshot: int = 5  # GSM8K exemplars
-    max_new_tokens: int | None = None  # generation cap of GSM8K / HumanEval (None: 256 / 384)
+    max_new_tokens: int | None = None  # generation cap of GSM8K / HumanEval / chat (None: 256 / 384 / 64)
     batch_size: int = 16
+    # chat: the dense model whose answers are the reference (None: the compressed checkpoint's
+    # quantization_config.source_model, or the model itself when it is dense)
+    reference: str | None = None
     # answer-loss tasks: score only the records `split_pairs(..., holdout, holdout_seed)` holds out
     holdout: int = 0
     holdout_seed: int = 0
@@ -69,6 +76,7 @@ class Task:
     files: tuple[str, ...]  # file names inside the data directory, in the order ``run`` takes them
     run: Callable[..., dict[str, Any]]
     headline: tuple[str, ...]  # the metrics a table shows
+    bundled: dict[str, Path] = field(default_factory=dict)  # files the package provides when none is given
 
 
 def _wikitext2(context: EvaluationContext, text: Path) -> dict[str, Any]:
@@ -129,6 +137,46 @@ def _humaneval(context: EvaluationContext, problems: Path) -> dict[str, Any]:
     )
 
 
+def _chat(context: EvaluationContext, prompts: Path) -> dict[str, Any]:
+    options = context.options
+    conversations = read_conversations(prompts, need_answer=False)[: options.limit]
+    return evaluate_chat(
+        context.model,
+        context.tokenizer,
+        conversations,
+        reference_answerer(context.model, options.reference),
+        max_new_tokens=options.max_new_tokens or 64,
+        batch_size=options.batch_size,
+        progress=options.progress,
+    )
+
+
+def reference_answerer(model, reference: str | None) -> Answerer:
+    """The dense model the chat task compares with: ``reference``, else the one a compressed checkpoint
+    records, else (a dense model) the model itself."""
+    from ..model_sources import load_model
+
+    quantization = getattr(model.config, "quantization_config", None)
+    if reference is None and quantization is None:
+        return Answerer(weights_identity(model), lambda: model)
+    if reference is None:
+        reference = (quantization if isinstance(quantization, dict) else vars(quantization)).get(
+            "source_model"
+        )
+    if reference is None:
+        raise ValueError(
+            "the chat task compares the model's answers with its dense model's, and this checkpoint does not record "
+            "which model it was compressed from: name it with --reference MODEL (Python: EvaluationOptions(reference=...))"
+        )
+    try:
+        dense, _ = load_model(reference)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"{error}; the chat task needs the dense model the checkpoint was compressed from: give it with --reference"
+        ) from None
+    return Answerer(weights_identity(dense), lambda: dense)
+
+
 TASKS: dict[str, Task] = {
     "wikitext2": Task(("wiki.test.raw",), _wikitext2, ("perplexity",)),
     **{
@@ -141,9 +189,16 @@ TASKS: dict[str, Task] = {
     "gsm8k_loss": Task(("gsm8k.test.jsonl",), _answer_loss("gsm8k"), ("loss", "perplexity")),
     "code_loss": Task(("HumanEval.jsonl.gz",), _answer_loss("code"), ("loss", "perplexity")),
     "humaneval": Task(("HumanEval.jsonl.gz",), _humaneval, ("pass@1",)),
+    "chat": Task(
+        ("chat_prompts.jsonl",),
+        _chat,
+        ("answer_ce", "token_agreement", "agreement", "empty"),
+        bundled={"chat_prompts.jsonl": BUNDLED / "chat_prompts_evaluation.jsonl"},
+    ),
 }
 ZERO_SHOT_TASKS = tuple(MULTIPLE_CHOICE_TASKS)
 ANSWER_LOSS_TASKS = ("gsm8k_loss", "code_loss")
+SINGLE_FILE_TASKS = (*ANSWER_LOSS_TASKS, "chat")  # whose one data file --task-data may replace
 
 
 def parse_tasks(tasks: str | list[str]) -> list[str]:
@@ -168,10 +223,13 @@ def task_files(
     for name in tasks:
         paths = []
         for file_name in TASKS[name].files:
+            bundled = TASKS[name].bundled.get(file_name)
             if file_name in overrides:
                 path = Path(overrides[file_name])
-            elif data_dir is not None:
+            elif data_dir is not None and (bundled is None or (Path(data_dir) / file_name).is_file()):
                 path = Path(data_dir) / file_name
+            elif bundled is not None:
+                path = bundled
             else:
                 raise ValueError(
                     f"task {name!r} reads {file_name}: give the folder that holds it (--data-dir)"

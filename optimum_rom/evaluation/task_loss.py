@@ -59,12 +59,12 @@ def answer_loss(
     return TaskLossResult(loss, math.exp(loss), tokens, len(examples), time.perf_counter() - started)
 
 
-def answer_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the answer tokens of a collated batch, and their count.
+def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict an answer token in some row of a collated batch, and the
+    tokens they predict (``IGNORE_INDEX`` where a row has none there).
 
-    Shared by evaluation and training. Logits are computed only at the positions that predict an
-    answer token in some row (transformers' ``logits_to_keep``), which skips the vocabulary
-    projection, the costliest matmul of a small model, on the prompts.
+    Logits are computed only at those positions (transformers' ``logits_to_keep``), which skips the
+    vocabulary projection, the costliest matmul of a small model, on the prompts.
     """
     targets = batch["labels"][:, 1:]
     positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
@@ -74,7 +74,13 @@ def answer_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int
         logits_to_keep=positions,
         use_cache=False,
     ).logits
-    picked = targets[:, positions]
+    return logits, targets[:, positions]
+
+
+def answer_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the answer tokens of a collated batch, and their count (shared by
+    evaluation and training)."""
+    logits, picked = answer_logits(model, batch)
     nll = F.cross_entropy(
         logits.flatten(0, 1).float(), picked.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )

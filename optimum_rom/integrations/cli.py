@@ -13,8 +13,7 @@ import os
 import sys
 import time
 from argparse import Namespace
-from dataclasses import asdict
-from importlib import resources
+from dataclasses import asdict, replace
 from pathlib import Path
 
 USER_ERRORS = (
@@ -73,11 +72,6 @@ def _resume_hint(args: Namespace) -> str:
     return f"nothing was written{f' to {output}' if output else ''}"
 
 
-def default_calibration_file() -> Path:
-    """The bundled calibration text (an excerpt of WikiText-2 validation)."""
-    return Path(str(resources.files("optimum_rom") / "data" / "wikitext2_valid_excerpt.txt"))
-
-
 def compress(args: Namespace) -> None:
     from ..optimizer import LowRankOptimizer
 
@@ -95,9 +89,10 @@ def compress(args: Namespace) -> None:
         else:
             rom_options = _given(args, "target", "refine_epochs", "heal_minutes", "heal_distill")
             config = RomConfig.from_preset(args.preset, **placement, **rom_options, **common)
-        data = {"calibration": args.calibration or default_calibration_file(), "text_field": args.text_field}
         description = f"{args.method} ({config.allocation})"
     optimizer = LowRankOptimizer.from_pretrained(args.model)
+    if args.method != "basis-selection":
+        data = {"calibration": _calibration(args, optimizer.tokenizer), "text_field": args.text_field}
     optimizer.compress(config, save_dir=args.output, overwrite=args.overwrite, **data)
     report = optimizer.report
     print(
@@ -137,6 +132,29 @@ def _basis_selection_job(args: Namespace, common: dict) -> tuple:
     return config, {"train_dataset": pairs}
 
 
+def _calibration(args: Namespace, tokenizer):
+    """The calibration source the options describe (``None``: the library's default for the model)."""
+    from ..calibration.data import as_chat_calibration
+
+    mix = _given(args, "calibration_mix", "mix_text", "sample_answers", "answer_tokens")
+    given_self = args.calibration in (None, "self") and getattr(tokenizer, "chat_template", None)
+    chat = as_chat_calibration("self" if given_self else args.calibration, args.chat)
+    if chat is None:
+        if mix:
+            raise ValueError(
+                "--calibration-mix, --mix-text, --sample-answers and --answer-tokens shape chat calibration, "
+                f"and {args.calibration or 'the default calibration'} is plain text"
+            )
+        return args.calibration
+    names = {
+        "calibration_mix": "text_share",
+        "mix_text": "text",
+        "sample_answers": "sample",
+        "answer_tokens": "max_new_tokens",
+    }
+    return replace(chat, **{names[key]: value for key, value in mix.items()})
+
+
 def _given(args: Namespace, *names: str) -> dict:
     """Config keyword arguments for the options the user gave (the rest keep the config's defaults)."""
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
@@ -165,6 +183,7 @@ def evaluate(args: Namespace) -> None:
         batch_size=args.batch_size,
         holdout=args.holdout,
         holdout_seed=args.seed,
+        reference=args.reference,
     )
     started = time.perf_counter()
     onnx = is_onnx_model_dir(args.model)  # an `optimum-cli rom export` directory runs on onnxruntime
@@ -194,19 +213,21 @@ def evaluate(args: Namespace) -> None:
         "seconds": time.perf_counter() - started,
     }
     print(format_table(results["tasks"], results["summary"]))
+    for sample in results["tasks"].get("chat", {}).get("samples", []):
+        print(f"\n> {sample['prompt']}\ndense: {sample['dense']}\nmodel: {sample['model']}")
     if args.output_json:
         write_json(Path(args.output_json), report)
         print(f"results written to {args.output_json}")
 
 
 def task_data_override(tasks: list[str], task_data: str) -> dict[str, Path]:
-    """``--task-data`` replaces the test file of the one answer-loss task that was asked for."""
-    from ..evaluation.suite import ANSWER_LOSS_TASKS, TASKS
+    """``--task-data`` replaces the data file of the one single-file task that was asked for."""
+    from ..evaluation.suite import SINGLE_FILE_TASKS, TASKS
 
-    chosen = [name for name in tasks if name in ANSWER_LOSS_TASKS]
+    chosen = [name for name in tasks if name in SINGLE_FILE_TASKS]
     if len(chosen) != 1:
         raise ValueError(
-            f"--task-data is the prompt/answer file of one answer-loss task ({', '.join(ANSWER_LOSS_TASKS)}); "
+            f"--task-data is the data file of one of the tasks {', '.join(SINGLE_FILE_TASKS)}; "
             f"--task asks for {len(chosen)} of them"
         )
     return {TASKS[chosen[0]].files[0]: Path(task_data)}

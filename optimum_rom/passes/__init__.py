@@ -17,7 +17,7 @@ class PassData(Enum):
     """What a pass consumes; the optimizer loads and checks it before any expensive work."""
 
     NONE = "none"  # data-free: run(model, config, None, ...)
-    CALIBRATION = "calibration"  # token windows (samples, seq_len): run(model, config, input_ids, ...)
+    CALIBRATION = "calibration"  # token windows: run(model, config, CalibrationSet, ...)
     TASK = "train_dataset"  # tokenized prompt/answer examples: run(model, config, examples, ...)
 
 

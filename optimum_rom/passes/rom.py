@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..allocation import RankPlan, plan_by_damage, plan_model
+from ..calibration.data import CalibrationSet
 from ..calibration.sensitivity import measure_damage
 from ..calibration.statistics import CrossMoments, LinearStatistics, collect_block_statistics
 from ..calibration.walker import BlockStep, BlockStream, walk_blocks
@@ -28,18 +29,18 @@ from ..structure import count_parameters, find_linear_sites, set_module
 
 
 def plan_rom(
-    model: nn.Module, config: RomConfig, input_ids: torch.Tensor | None = None, progress: bool = True
+    model: nn.Module, config: RomConfig, data: CalibrationSet | None = None, progress: bool = True
 ) -> RankPlan:
     """Ranks for every linear, from the config's size target and allocation mode.
 
-    ``"adaptive"`` measures every linear's damage curve on ``input_ids`` first (a dense pass,
+    ``"adaptive"`` measures every linear's damage curve on ``data`` first (a dense pass,
     see optimum_rom.calibration.sensitivity); the other modes need no data.
     """
     if config.allocation == "adaptive":
-        if input_ids is None:
-            raise ValueError("allocation='adaptive' measures the model on calibration data: pass input_ids")
+        if data is None:
+            raise ValueError("allocation='adaptive' measures the model on calibration data: pass data")
         sites = find_linear_sites(model, config.target_modules)
-        damage = measure_damage(model, input_ids, sites, config.center, progress)
+        damage = measure_damage(model, data, sites, config.center, progress)
         return plan_by_damage(sites, count_parameters(model), config.params_ratio, config.center, damage)
     return plan_model(
         model,
@@ -54,7 +55,7 @@ def plan_rom(
 def run_rom(
     model: nn.Module,
     config: RomConfig,
-    input_ids: torch.Tensor,
+    data: CalibrationSet,
     plan: RankPlan | None = None,
     progress: bool = True,
     stream: BlockStream | None = None,
@@ -63,7 +64,7 @@ def run_rom(
 
     With a ``stream`` the blocks are loaded and saved one at a time (see optimum_rom.streaming).
     """
-    plan = plan or plan_rom(model, config, input_ids, progress)
+    plan = plan or plan_rom(model, config, data, progress)
     by_block: dict[int, dict[str, int]] = {}
     for site in find_linear_sites(model, config.target_modules):
         if site.name in plan.ranks:
@@ -71,7 +72,7 @@ def run_rom(
     reference = config.target == "dense"
     with torch.no_grad():
         for step in walk_blocks(
-            model, input_ids, desc="ROM", progress=progress, stream=stream, reference=reference
+            model, data.input_ids, desc="ROM", progress=progress, stream=stream, reference=reference
         ):
             if step.index in by_block:
                 _compress_block(model, step, by_block[step.index], config, reference)
@@ -99,9 +100,9 @@ def streams_rom(config: RomConfig) -> bool:
     return config.allocation != "adaptive"
 
 
-def check_calibration_size(config: RomConfig, plan: RankPlan, input_ids: torch.Tensor) -> None:
+def check_calibration_size(config: RomConfig, plan: RankPlan, data: CalibrationSet) -> None:
     """A covariance of N tokens has rank < N: a larger rank would keep arbitrary directions."""
-    tokens = input_ids.numel()
+    tokens = data.input_ids.numel()
     largest = max(plan.ranks.values(), default=0)
     if largest >= tokens:
         raise ValueError(

@@ -87,7 +87,38 @@ try:
             parser.add_argument(
                 "--calibration",
                 default=None,
-                help="calibration text or .jsonl file (default: a bundled WikiText-2 validation excerpt)",
+                help="calibration: a text file, a .jsonl file (plain text fields, or chat records: detected), or "
+                "'self' (the dense model answers bundled prompts). Default: 'self' for models with a chat "
+                "template, else a bundled WikiText-2 validation excerpt",
+            )
+            parser.add_argument(
+                "--chat",
+                action="store_true",
+                help="read --calibration as chat records ({messages: [...]} or {prompt, response}) and render them "
+                "with the chat template",
+            )
+            parser.add_argument(
+                "--calibration-mix",
+                type=float,
+                default=None,
+                help="chat calibration: share of plain-text windows mixed in (default 0.5 for 'self', 0 for a chat file)",
+            )
+            parser.add_argument(
+                "--mix-text",
+                default=None,
+                help="the plain text of --calibration-mix (default: the bundled WikiText-2 excerpt)",
+            )
+            parser.add_argument(
+                "--sample-answers",
+                action="store_true",
+                default=None,
+                help="'self' calibration: sampled answers (temperature 0.7, top-p 0.9) instead of greedy ones",
+            )
+            parser.add_argument(
+                "--answer-tokens",
+                type=int,
+                default=None,
+                help="'self' calibration: longest answer in tokens (default 256)",
             )
             parser.add_argument(
                 "--text-field", default="text", help="jsonl field(s) to read, e.g. question,answer"
@@ -165,7 +196,13 @@ try:
                 "--task",
                 default="wikitext2",
                 help="comma-separated tasks: wikitext2, boolq, piqa, hellaswag, winogrande, arc_easy, "
-                "arc_challenge, openbookqa, gsm8k, gsm8k_loss, code_loss, humaneval",
+                "arc_challenge, openbookqa, gsm8k, gsm8k_loss, code_loss, humaneval, chat",
+            )
+            parser.add_argument(
+                "--reference",
+                default=None,
+                help="chat: the dense model whose answers are compared with (default: the model the checkpoint "
+                "was compressed from)",
             )
             parser.add_argument(
                 "--data-dir",
@@ -183,13 +220,14 @@ try:
                 "--max-new-tokens",
                 type=int,
                 default=None,
-                help="generation cap for gsm8k / humaneval (default 256 / 384)",
+                help="generation cap for gsm8k / humaneval / chat (default 256 / 384 / 64)",
             )
             parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
             parser.add_argument(
                 "--task-data",
                 default=None,
-                help="prompt/answer jsonl scored by gsm8k_loss or code_loss (instead of the one in --data-dir)",
+                help="the data file of gsm8k_loss / code_loss (prompt/answer jsonl) or chat (prompts jsonl), "
+                "instead of the one in --data-dir or the bundled one",
             )
             parser.add_argument(
                 "--holdout",
