@@ -340,8 +340,8 @@ def ensure_free_space(directory: Path, needed: int) -> None:
     if free < needed:
         raise DiskFullError(
             errno.ENOSPC,
-            f"not enough disk space in {directory}: the output needs {_size(needed)}, {_size(free)} are "
-            "free; free some space (or choose another output directory) and run the same command again",
+            f"not enough disk space in {directory}: {_size(needed)} are needed, {_size(free)} are free; "
+            "free some space (or choose another output directory) and run the same command again",
         )
 
 
@@ -364,7 +364,9 @@ def is_disk_full(error: BaseException) -> bool:
 
 
 def _size(nbytes: int) -> str:
-    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:.2f} GiB"
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.0f} KiB"
 
 
 def partial_dir(output: str | Path) -> Path:
