@@ -366,7 +366,7 @@ def is_disk_full(error: BaseException) -> bool:
 def _size(nbytes: int) -> str:
     if nbytes >= 2**30:
         return f"{nbytes / 2**30:.2f} GiB"
-    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.0f} KiB"
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes:,} bytes"
 
 
 def partial_dir(output: str | Path) -> Path:
