@@ -30,6 +30,8 @@ def optimizer():
 def test_rom_compresses_smollm2_and_the_checkpoint_reloads_exactly(optimizer, tmp_path):
     model, tokenizer = optimizer.model, optimizer.tokenizer
     assert model.num_parameters() == 134_515_008  # 30 blocks, hidden 576, tied embeddings
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|im_end|>")  # the GGUF's own
+    assert tokenizer("Paris").input_ids == tokenizer("Paris", add_special_tokens=False).input_ids  # no BOS
     dense = text_perplexity(model, tokenizer, WIKITEXT_TEST, seq_len=256, max_windows=8, progress=False)
 
     config = RomConfig(params_ratio=0.8, allocation="uniform", num_samples=32, seq_len=128)

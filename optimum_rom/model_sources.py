@@ -162,8 +162,10 @@ def load_model(source, dtype: torch.dtype = torch.float32):
         return source, None
     directory, gguf_file = resolve_model_path(source)
     model = load_causal_lm(source, dtype)
-    with _reading_gguf(gguf_file and directory / gguf_file):
-        return model, AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    if gguf_file is None:
+        return model, AutoTokenizer.from_pretrained(directory)
+    with _reading_gguf(directory / gguf_file):
+        return model, gguf_tokenizer(directory / gguf_file)
 
 
 def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32):
@@ -177,10 +179,18 @@ def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32):
     return model
 
 
+# Written beside a cached conversion once its tokenizer's special tokens are the GGUF file's own
+# (caches made before the fix had transformers' wrong ones and are mended on first use).
+_TOKENS_FIXED = ".special-tokens-from-gguf"
+
+
 def fetch_known_model(alias: str) -> Path:
     """The cached safetensors directory of a known model, created on first use."""
     target = cache_root() / alias
     if (target / "config.json").is_file():
+        if not (target / _TOKENS_FIXED).is_file():
+            gguf_tokenizer(fetch_known_gguf(alias)).save_pretrained(target)
+            (target / _TOKENS_FIXED).touch()
         return target
     gguf = fetch_known_gguf(alias)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{alias}-") as work:
@@ -224,9 +234,41 @@ def fetch_known_gguf(alias: str) -> Path:
 
 
 def _convert_gguf(gguf: Path, output: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    gguf_tokenizer(gguf).save_pretrained(output)
+    (output / _TOKENS_FIXED).touch()
+
+
+def gguf_tokenizer(gguf: Path):
+    """The tokenizer of a ``.gguf`` file, with the special tokens the file declares.
+
+    transformers' GGUF conversion (4.57) takes the wrong eos token for SmolLM2 (``<|im_start|>``
+    instead of ``<|im_end|>``), no pad token, and adds a BOS token the file says not to add; tools
+    that stop at ``tokenizer.eos_token`` (pipelines, trainers) would then never end an answer. The
+    file's ``tokenizer.ggml.*`` fields are the source of truth.
+    """
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    fields = GGUFReader(gguf).fields
+
+    def value(key: str):
+        field = fields.get(f"tokenizer.ggml.{key}")
+        return None if field is None else field.parts[field.data[0]][0]
+
+    for role, key in (
+        ("eos_token", "eos_token_id"),
+        ("bos_token", "bos_token_id"),
+        ("pad_token", "padding_token_id"),
+    ):
+        token_id = value(key)
+        if token_id is not None:
+            setattr(tokenizer, role, tokenizer.convert_ids_to_tokens(int(token_id)))
+    add_bos = value("add_bos_token")
+    if add_bos is not None and hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = bool(add_bos)
+    return tokenizer
