@@ -93,11 +93,7 @@ def mean_squared_output_gradients(
 def output_spectra(
     model: nn.Module, input_ids: torch.Tensor, sites: list[LinearSite], center: bool, progress: bool
 ) -> dict[str, torch.Tensor]:
-    """Eigenvalues (descending) of each linear's output covariance on the calibration data.
-
-    Where a linear's statistics are measured at its (narrower) input, the spectrum of ``W C W^T``
-    is read from ``(W L)^T (W L)`` with ``L L^T = C``: the same nonzero eigenvalues.
-    """
+    """Eigenvalues (descending) of each linear's output covariance on the calibration data."""
     by_block: dict[int, list[str]] = {}
     for site in sites:
         by_block.setdefault(site.block, []).append(site.name)
@@ -107,13 +103,5 @@ def output_spectra(
             linears = {name: model.get_submodule(name) for name in by_block.get(step.index, [])}
             statistics = collect_block_statistics(step, linears)
             for name, linear in linears.items():
-                measured = statistics[name]
-                if measured.site == "output":
-                    covariance = measured.second_moment(center)
-                else:
-                    product = linear.weight.double() @ measured.input_root(center)
-                    tall = product.shape[0] > product.shape[1]
-                    covariance = product.T @ product if tall else product @ product.T
-                values = torch.linalg.eigvalsh((covariance + covariance.T) / 2)
-                spectra[name] = values.flip(0).clamp(min=0)
+                spectra[name] = statistics[name].output_spectrum(linear.weight, center)
     return spectra

@@ -16,7 +16,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .walker import BlockStep, _StopForward, call_block
+from ..linalg import symmetric, top_eigenvectors, top_left_singular_vectors
+from .walker import BlockStep, StopForward, call_block
 
 
 class Moments:
@@ -108,9 +109,33 @@ class LinearStatistics:
         """``L`` with ``L L^T`` = the input's second moment; computed once for all linears sharing it."""
         if center not in self._roots:
             second = self.second_moment(center)
-            values, vectors = torch.linalg.eigh((second + second.T) / 2)
+            values, vectors = torch.linalg.eigh(symmetric(second))
             self._roots[center] = vectors * values.clamp(min=0).sqrt()
         return self._roots[center]
+
+    def principal_output_basis(self, weight: torch.Tensor, rank: int, center: bool) -> torch.Tensor:
+        """Top-``rank`` eigenvectors (out x rank, float64) of the covariance of ``W x``.
+
+        ``Cov(W x) = F F^T`` with ``F = W L`` and ``Cov(x) = L L^T``, so they are the top left
+        singular vectors of the thin ``F``; an output-side measurement gives the covariance directly.
+        """
+        if self.site == "output":
+            return top_eigenvectors(self.second_moment(center), rank)
+        return top_left_singular_vectors(weight, rank, right=self.input_root(center))
+
+    def output_spectrum(self, weight: torch.Tensor, center: bool) -> torch.Tensor:
+        """Eigenvalues (descending, float64) of the covariance of ``W x``.
+
+        From input-side statistics the spectrum of ``W C W^T`` is read from the smaller Gram matrix
+        of ``F = W L`` (``L L^T = C``): the same nonzero eigenvalues.
+        """
+        if self.site == "output":
+            covariance = self.second_moment(center)
+        else:
+            product = weight.double() @ self.input_root(center)
+            tall = product.shape[0] > product.shape[1]
+            covariance = product.T @ product if tall else product @ product.T
+        return torch.linalg.eigvalsh(symmetric(covariance)).flip(0).clamp(min=0)
 
     def output_mean(self, weight: torch.Tensor) -> torch.Tensor:
         """Mean of ``W x`` (float64)."""
@@ -174,7 +199,7 @@ def _run_until_measured(step: BlockStep, hidden: torch.Tensor, receivers: list, 
         def receive(value: torch.Tensor) -> None:
             receivers[index](value)
             if index == last:  # nothing after this is needed: skip the rest of the block
-                raise _StopForward
+                raise StopForward
 
         if output_site:
             return lambda module, inputs, output: receive(
@@ -188,7 +213,7 @@ def _run_until_measured(step: BlockStep, hidden: torch.Tensor, receivers: list, 
         else:
             handles.append(leader.register_forward_pre_hook(make_hook(index, False)))
     try:
-        with torch.no_grad(), contextlib.suppress(_StopForward):
+        with torch.no_grad(), contextlib.suppress(StopForward):
             call_block(step.block, hidden, step.call_kwargs)
     finally:
         for handle in handles:

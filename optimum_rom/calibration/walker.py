@@ -28,7 +28,7 @@ from ..memory import return_freed_memory
 from ..structure import find_blocks
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised by a hook to end a forward pass once what we need is recorded."""
 
 
@@ -126,11 +126,11 @@ def _record_block_kwargs(
         def recorder(*args, **kwargs):
             hidden = args[0] if args else kwargs.pop("hidden_states")
             if hidden.shape != probe.shape:
-                raise _StopForward  # the previous recorder returned the wrong kind of output
+                raise StopForward  # the previous recorder returned the wrong kind of output
             kwargs["_hidden_as_kwarg"] = not args
             recorded.append(kwargs)
             if index == len(blocks) - 1:
-                raise _StopForward
+                raise StopForward
             return (hidden,) if as_tuple else hidden
 
         return recorder
@@ -140,7 +140,7 @@ def _record_block_kwargs(
     for index, block in enumerate(blocks):
         block.forward = make_recorder(index)
     try:
-        with torch.no_grad(), contextlib.suppress(_StopForward):
+        with torch.no_grad(), contextlib.suppress(StopForward):
             model(inputs_embeds=probe, use_cache=False)
     finally:
         for block, forward in zip(blocks, previous, strict=True):
@@ -159,13 +159,13 @@ def capture_block_inputs(
 
     def hook(module, args, kwargs):
         chunks.append((args[0] if args else kwargs["hidden_states"]).detach())
-        raise _StopForward
+        raise StopForward
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
             for start in range(0, input_ids.shape[0], batch_size):
-                with contextlib.suppress(_StopForward):
+                with contextlib.suppress(StopForward):
                     model(input_ids=input_ids[start : start + batch_size], use_cache=False)
     finally:
         handle.remove()

@@ -24,6 +24,7 @@ from ..calibration.statistics import CrossMoments, LinearStatistics, collect_blo
 from ..calibration.walker import BlockStep, BlockStream, walk_blocks
 from ..configs import RomConfig
 from ..layers import FactorizedLinear
+from ..linalg import top_left_singular_vectors
 from ..refinement import refine_block
 from ..structure import count_parameters, find_linear_sites, set_module
 
@@ -125,7 +126,7 @@ def rom_factorize(
     if stats.site == "paired":
         down, up, bias = corrected_factors(weight, bias, stats.moments, rank, ridge)
     else:
-        up = principal_output_basis(weight, stats, rank, center)
+        up = stats.principal_output_basis(weight, rank, center)
         down = up.T @ weight
         if center:
             mean = stats.output_mean(weight)
@@ -135,19 +136,6 @@ def rom_factorize(
     return FactorizedLinear.from_factors(
         down.to(dtype), up.to(dtype), None if bias is None else bias.to(dtype)
     )
-
-
-def principal_output_basis(
-    weight: torch.Tensor, stats: LinearStatistics, rank: int, center: bool
-) -> torch.Tensor:
-    """Top-``rank`` eigenvectors (out x rank, float64) of the covariance of ``W x``.
-
-    ``Cov(W x) = F F^T`` with ``F = W L`` and ``Cov(x) = L L^T``, so they are the top left
-    singular vectors of the thin ``F``; an output-side measurement gives the covariance directly.
-    """
-    if stats.site == "output":
-        return top_eigenvectors(stats.second_moment(center), rank)
-    return top_left_singular_vectors(weight, rank, right=stats.input_root(center))
 
 
 def corrected_factors(
@@ -171,36 +159,3 @@ def corrected_factors(
     down = torch.linalg.solve_triangular(lower, up.T @ fitted, upper=False, left=False)  # U^T W*
     target_mean = weight @ moments.paired_mean + (0 if bias is None else bias)
     return down, up, target_mean - up @ (down @ moments.mean)
-
-
-def top_left_singular_vectors(
-    matrix: torch.Tensor, rank: int, right: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The top-``rank`` left singular vectors of ``F = matrix @ right`` (or of ``matrix``), from the
-    eigenpairs of F's smaller Gram matrix.
-
-    For a tall ``matrix`` (an MLP's up projection) the Gram matrix is formed as
-    ``right^T (matrix^T matrix) right`` and ``F`` itself, as large as the weight in float64, is never
-    materialized: it was the largest temporary of a streamed run.
-    """
-    rows, columns = matrix.shape[0], (matrix if right is None else right).shape[1]
-    if rows <= columns:
-        product = matrix if right is None else matrix @ right
-        return top_eigenvectors(product @ product.T, rank)
-    gram = matrix.T @ matrix if right is None else right.T @ (matrix.T @ matrix) @ right
-    values, vectors = torch.linalg.eigh(gram)
-    values, vectors = values[-rank:].flip(-1), vectors[:, -rank:].flip(-1)
-    if values[-1] <= 1e-10 * values[0]:  # rank-deficient: the SVD keeps the basis orthonormal
-        product = matrix if right is None else matrix @ right
-        return torch.linalg.svd(product, full_matrices=False)[0][:, :rank]
-    scaled = vectors / values.sqrt()
-    return matrix @ (scaled if right is None else right @ scaled)
-
-
-def top_eigenvectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
-    _, vectors = torch.linalg.eigh(_symmetric(matrix))
-    return vectors[:, -rank:].flip(-1)
-
-
-def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
-    return (matrix + matrix.T) / 2

@@ -15,7 +15,6 @@ from torch import nn
 from ...calibration import LinearStatistics
 from ...integrations.peft import register_low_rank_layer
 from ...layers import FactorizedLinear
-from ..rom import principal_output_basis
 
 
 class BasisLinear(nn.Module):
@@ -56,7 +55,7 @@ class BasisLinear(nn.Module):
         keeping the largest ``c_i`` is now the best truncation on the data, not on the weights.
         """
         weight = linear.weight.detach().double()
-        left = principal_output_basis(weight, stats, min(weight.shape), center=False)
+        left = stats.principal_output_basis(weight, min(weight.shape), center=False)
         rows = left.T @ weight
         if stats.site == "input":
             energy = ((rows @ stats.second_moment(center=False)) * rows).sum(1)

@@ -1,0 +1,44 @@
+"""The eigen- and singular-vector computations the passes share, in float64.
+
+Kept apart from the passes so that ROM, the sensitivity pass and Basis Selection derive their
+bases the same way from the same statistics (see ``LinearStatistics``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def symmetric(matrix: torch.Tensor) -> torch.Tensor:
+    """``(M + M^T) / 2``: removes the rounding asymmetry of a Gram matrix before ``eigh``."""
+    return (matrix + matrix.T) / 2
+
+
+def top_eigenvectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """The eigenvectors of the ``rank`` largest eigenvalues of a symmetric matrix, largest first."""
+    _, vectors = torch.linalg.eigh(symmetric(matrix))
+    return vectors[:, -rank:].flip(-1)
+
+
+def top_left_singular_vectors(
+    matrix: torch.Tensor, rank: int, right: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The top-``rank`` left singular vectors of ``F = matrix @ right`` (or of ``matrix``), from the
+    eigenpairs of F's smaller Gram matrix.
+
+    For a tall ``matrix`` (an MLP's up projection) the Gram matrix is formed as
+    ``right^T (matrix^T matrix) right`` and ``F`` itself, as large as the weight in float64, is never
+    materialized: it was the largest temporary of a streamed run.
+    """
+    rows, columns = matrix.shape[0], (matrix if right is None else right).shape[1]
+    if rows <= columns:
+        product = matrix if right is None else matrix @ right
+        return top_eigenvectors(product @ product.T, rank)
+    gram = matrix.T @ matrix if right is None else right.T @ (matrix.T @ matrix) @ right
+    values, vectors = torch.linalg.eigh(gram)
+    values, vectors = values[-rank:].flip(-1), vectors[:, -rank:].flip(-1)
+    if values[-1] <= 1e-10 * values[0]:  # rank-deficient: the SVD keeps the basis orthonormal
+        product = matrix if right is None else matrix @ right
+        return torch.linalg.svd(product, full_matrices=False)[0][:, :rank]
+    scaled = vectors / values.sqrt()
+    return matrix @ (scaled if right is None else right @ scaled)
