@@ -11,11 +11,12 @@ from .integrations.transformers import LowRankHfQuantizer, is_factorized, regist
 from .layers import FactorizedLinear
 from .model_sources import load_model
 from .optimizer import CompressionReport, LowRankOptimizer
+from .passes.basis_selection import BasisLinear
 
 __version__ = "0.1.0"
 
 register_with_transformers({"rom": RomConfig, "svd": SvdConfig, "basis_selection": BasisSelectionConfig})
-install_peft_dispatch()
+install_peft_dispatch((FactorizedLinear, BasisLinear))  # the layers LoRA may target, by their dense names
 
 __all__ = [
     "BasisSelectionConfig",

@@ -21,7 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration.data import CalibrationSet
+from .integrations.peft import merge_adapters
 from .structure import find_blocks
+from .training import Budget, frozen_except, train
 
 
 @dataclass
@@ -58,42 +60,45 @@ def heal(
     temperature: float = 1.0,
     seed: int = 0,
     progress: bool = True,
+    steps: int | None = None,
 ) -> HealingReport:
-    """Fine-tune ``model`` in place for about ``minutes`` on the windows of ``data``.
+    """Fine-tune ``model`` in place for about ``minutes`` (or ``steps`` steps, if fewer) on the windows
+    of ``data``.
 
     With a ``teacher`` (the dense model) the loss is the distillation KL, otherwise next-token
     cross-entropy. The adapters are merged before returning, so the model's sizes are unchanged.
     """
     if minutes <= 0:
         raise ValueError(f"minutes must be positive, got {minutes}")
-    targets = block_linear_names(model)
-    peft_model = get_peft_model(
-        model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=targets)
-    )
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    budget = Budget(steps=steps, seconds=minutes * 60)
     generator = torch.Generator().manual_seed(seed)
-    budget = minutes * 60
     started = time.perf_counter()
-    losses: list[float] = []
-    bar = tqdm(total=round(budget), desc="healing", unit="s", disable=not progress)
-    peft_model.train()
-    try:
-        while time.perf_counter() - started < budget:
+    bar = tqdm(total=round(budget.seconds), desc="healing", unit="s", disable=not progress)
+
+    def show(step: int, loss: float) -> None:
+        bar.update(min(round(time.perf_counter() - started), bar.total) - bar.n)
+        bar.set_postfix(loss=f"{loss:.3f}", steps=step + 1)
+
+    with frozen_except(model, train=True), bar:
+        peft_model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora_rank,
+                lora_alpha=2 * lora_rank,
+                lora_dropout=0.0,
+                target_modules=block_linear_names(model),
+            ),
+        )
+        optimizer = torch.optim.AdamW(
+            [p for p in peft_model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0
+        )
+
+        def loss_at(step: int) -> torch.Tensor:
             rows = torch.randint(0, len(data), (batch_size,), generator=generator)
-            loss = _loss(peft_model, teacher, data.rows(rows), temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            losses.append(loss.item())
-            elapsed = time.perf_counter() - started
-            bar.update(min(round(elapsed), bar.total) - bar.n)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", steps=len(losses))
-    finally:
-        bar.close()
-        peft_model.eval()
-    peft_model.merge_and_unload()
+            return _loss(peft_model, teacher, data.rows(rows), temperature)
+
+        losses = train(optimizer, loss_at, budget, clip=1.0, after_step=show)
+        merge_adapters(peft_model)
     tail = losses[-max(1, len(losses) // 10) :]
     return HealingReport(
         steps=len(losses),

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .calibration.walker import BlockStep, call_block
 from .layers import FactorizedLinear
+from .training import Budget, frozen_except, train
 
 
 def refine_block(
@@ -31,7 +32,7 @@ def refine_block(
     samples = step.inputs.shape[0]
     held_out = max(1, samples // 8)
     order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed))
-    train, validation = order[held_out:], order[:held_out]
+    train_rows, validation = order[held_out:], order[:held_out]
     scale = targets[validation].var().item() or 1.0
     batch = max(1, step.batch_size // 4)  # several steps per epoch on small calibration sets
 
@@ -42,30 +43,21 @@ def refine_block(
 
     best_error, best_state = validation_error(), _snapshot(parameters)
     optimizer = torch.optim.Adam(parameters, lr=lr)
-    trainable = [p.requires_grad for p in step.block.parameters()]
-    for p in step.block.parameters():
-        p.requires_grad_(False)
-    for p in parameters:
-        p.requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            for epoch in range(epochs):
-                shuffled = train[
-                    torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + epoch))
-                ]
-                for start in range(0, len(shuffled), batch):
-                    rows = shuffled[start : start + batch]
-                    outputs = call_block(step.block, step.inputs[rows], step.call_kwargs)
-                    loss = F.mse_loss(outputs, targets[rows]) / scale
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                error = validation_error()
-                if error < best_error:
-                    best_error, best_state = error, _snapshot(parameters)
-    finally:
-        for p, flag in zip(step.block.parameters(), trainable, strict=True):
-            p.requires_grad_(flag)
+    per_epoch = -(-len(train_rows) // batch)
+    with frozen_except(step.block, parameters):
+        for epoch in range(epochs):
+            order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed + epoch))
+            shuffled = train_rows[order]
+
+            def loss_at(index: int, shuffled: torch.Tensor = shuffled) -> torch.Tensor:
+                rows = shuffled[index * batch : (index + 1) * batch]
+                outputs = call_block(step.block, step.inputs[rows], step.call_kwargs)
+                return F.mse_loss(outputs, targets[rows]) / scale
+
+            train(optimizer, loss_at, Budget(steps=per_epoch))
+            error = validation_error()
+            if error < best_error:
+                best_error, best_state = error, _snapshot(parameters)
     with torch.no_grad():
         for p, saved in zip(parameters, best_state, strict=True):
             p.copy_(saved)

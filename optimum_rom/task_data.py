@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .jsonl import read_jsonl
 
@@ -170,3 +171,31 @@ def collate(examples: list[dict[str, torch.Tensor]], pad_token_id: int = 0) -> d
         batch["labels"][row, :size] = example["labels"]
         batch["attention_mask"][row, :size] = 1
     return batch
+
+
+def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict an answer token in some row of a collated batch, and the
+    tokens they predict (``IGNORE_INDEX`` where a row has none there).
+
+    Logits are computed only at those positions (transformers' ``logits_to_keep``), which skips the
+    vocabulary projection, the costliest matmul of a small model, on the prompts.
+    """
+    targets = batch["labels"][:, 1:]
+    positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        logits_to_keep=positions,
+        use_cache=False,
+    ).logits
+    return logits, targets[:, positions]
+
+
+def answer_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the answer tokens of a collated batch, and their count (shared by
+    evaluation and training)."""
+    logits, picked = answer_logits(model, batch)
+    nll = F.cross_entropy(
+        logits.flatten(0, 1).float(), picked.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return nll, int((picked != IGNORE_INDEX).sum())

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..structure import LinearSite
+from ..training import frozen_except
 from .data import CalibrationSet
 from .statistics import collect_block_statistics
 from .walker import walk_blocks
@@ -70,23 +71,21 @@ def mean_squared_output_gradients(
         return hook
 
     hooks = [model.get_submodule(s.name).register_full_backward_hook(make_hook(s.name)) for s in sites]
-    trainable = [p for p in model.parameters() if p.requires_grad]
     embeddings = model.get_input_embeddings()
     try:
-        for parameter in trainable:
-            parameter.requires_grad_(False)
-        batches = zip(data.input_ids.split(GRADIENT_BATCH), data.labels().split(GRADIENT_BATCH), strict=True)
-        for batch, labels in batches:
-            if not (labels[:, 1:] != -100).any():
-                continue  # no target token: no loss to differentiate
-            batch, labels = batch.to(embeddings.weight.device), labels.to(embeddings.weight.device)
-            inputs = embeddings(batch).detach().requires_grad_()
-            model(inputs_embeds=inputs, labels=labels, use_cache=False).loss.backward()
+        with frozen_except(model), torch.enable_grad():
+            batches = zip(
+                data.input_ids.split(GRADIENT_BATCH), data.labels().split(GRADIENT_BATCH), strict=True
+            )
+            for batch, labels in batches:
+                if not (labels[:, 1:] != -100).any():
+                    continue  # no target token: no loss to differentiate
+                batch, labels = batch.to(embeddings.weight.device), labels.to(embeddings.weight.device)
+                inputs = embeddings(batch).detach().requires_grad_()
+                model(inputs_embeds=inputs, labels=labels, use_cache=False).loss.backward()
     finally:
         for hook in hooks:
             hook.remove()
-        for parameter in trainable:
-            parameter.requires_grad_(True)
     return {name: totals[name] / max(counts[name], 1) for name in totals}
 
 

@@ -2,7 +2,7 @@
 
 from .perplexity import PerplexityResult, stream_perplexity, text_perplexity
 from .suite import TASKS, EvaluationOptions, evaluate
-from .task_loss import TaskLossResult, answer_loss, answer_nll
+from .task_loss import TaskLossResult, answer_loss
 
 __all__ = [
     "TASKS",
@@ -10,7 +10,6 @@ __all__ = [
     "PerplexityResult",
     "TaskLossResult",
     "answer_loss",
-    "answer_nll",
     "evaluate",
     "stream_perplexity",
     "text_perplexity",

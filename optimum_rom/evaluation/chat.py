@@ -32,8 +32,7 @@ from ..chat import (
     cached_answers,
     weights_identity,
 )
-from ..task_data import IGNORE_INDEX, collate
-from .task_loss import answer_logits
+from ..task_data import IGNORE_INDEX, answer_logits, collate
 
 PREFIX_TOKENS = 16
 

@@ -11,10 +11,9 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..task_data import IGNORE_INDEX, PromptAnswer, collate, tokenize_pairs
+from ..task_data import PromptAnswer, answer_nll, collate, tokenize_pairs
 
 
 @dataclass
@@ -57,31 +56,3 @@ def answer_loss(
     model.train(was_training)
     loss = total / tokens
     return TaskLossResult(loss, math.exp(loss), tokens, len(examples), time.perf_counter() - started)
-
-
-def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at the positions that predict an answer token in some row of a collated batch, and the
-    tokens they predict (``IGNORE_INDEX`` where a row has none there).
-
-    Logits are computed only at those positions (transformers' ``logits_to_keep``), which skips the
-    vocabulary projection, the costliest matmul of a small model, on the prompts.
-    """
-    targets = batch["labels"][:, 1:]
-    positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        logits_to_keep=positions,
-        use_cache=False,
-    ).logits
-    return logits, targets[:, positions]
-
-
-def answer_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the answer tokens of a collated batch, and their count (shared by
-    evaluation and training)."""
-    logits, picked = answer_logits(model, batch)
-    nll = F.cross_entropy(
-        logits.flatten(0, 1).float(), picked.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return nll, int((picked != IGNORE_INDEX).sum())

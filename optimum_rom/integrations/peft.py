@@ -28,8 +28,7 @@ from ..layers import FactorizedLinear
 class LoraFactorizedLinear(LoraLinear):
     """PEFT LoRA layer whose base layer is a :class:`FactorizedLinear` or another registered low-rank layer.
 
-    A low-rank layer (see :func:`register_low_rank_layer`) has ``in_features``/``out_features`` and
-    grows or shrinks its rank exactly with ``append_rank(down_rows, up_columns)`` / ``drop_last_rank(n)``.
+    Which layer types are low-rank is set by :func:`install_peft_dispatch`.
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs: Any) -> None:
@@ -77,17 +76,17 @@ class LoraFactorizedLinear(LoraLinear):
         return "lora." + super().__repr__()
 
 
-_LOW_RANK_LAYERS: list[type[nn.Module]] = [FactorizedLinear]
+_LOW_RANK_LAYERS: list[type[nn.Module]] = []
 
 
-def register_low_rank_layer(layer_type: type[nn.Module]) -> None:
-    """Let LoRA target ``layer_type`` through :class:`LoraFactorizedLinear` (idempotent)."""
-    if layer_type not in _LOW_RANK_LAYERS:
-        _LOW_RANK_LAYERS.append(layer_type)
+def install_peft_dispatch(low_rank_layers: tuple[type[nn.Module], ...] = (FactorizedLinear,)) -> None:
+    """Make every LoRA model register :class:`LoraFactorizedLinear` for targets of the ``low_rank_layers``
+    types (idempotent; ``import optimum_rom`` installs it for its layers).
 
-
-def install_peft_dispatch() -> None:
-    """Make every LoRA model register :class:`LoraFactorizedLinear` for low-rank targets (idempotent)."""
+    A low-rank layer has ``in_features`` / ``out_features`` and grows or shrinks its rank exactly with
+    ``append_rank(down_rows, up_columns)`` / ``drop_last_rank(n)``.
+    """
+    _LOW_RANK_LAYERS.extend(t for t in low_rank_layers if t not in _LOW_RANK_LAYERS)
     original = LoraModel._create_new_module
     if getattr(original, "_optimum_rom", False):
         return
@@ -101,3 +100,11 @@ def install_peft_dispatch() -> None:
 
     create_new_module._optimum_rom = True
     LoraModel._create_new_module = staticmethod(create_new_module)
+
+
+def merge_adapters(peft_model) -> nn.Module:
+    """``merge_and_unload``, minus the ``peft_config`` PEFT leaves behind (a later stage would see two adapters)."""
+    model = peft_model.merge_and_unload()
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return model

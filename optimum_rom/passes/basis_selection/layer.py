@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...calibration import LinearStatistics
-from ...integrations.peft import register_low_rank_layer
 from ...layers import FactorizedLinear
 
 
@@ -135,6 +134,3 @@ class BasisLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, bases={self.rank}, out_features={self.out_features}"
-
-
-register_low_rank_layer(BasisLinear)

@@ -17,6 +17,7 @@ from torch import nn
 from ...allocation import RankPlan, plan_uniform
 from ...calibration import collect_block_statistics, walk_blocks
 from ...configs import BasisSelectionConfig
+from ...integrations.peft import merge_adapters
 from ...layers import FactorizedLinear
 from ...structure import LinearSite, count_parameters, find_blocks, find_linear_sites, set_module
 from .layer import BasisLinear
@@ -143,14 +144,6 @@ def add_factor_adapters(model: nn.Module, rank: int) -> PeftModel:
     return get_peft_model(
         model, LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0)
     )
-
-
-def merge_adapters(peft_model: PeftModel) -> nn.Module:
-    """``merge_and_unload``, minus the ``peft_config`` PEFT leaves behind (a later stage would see two adapters)."""
-    model = peft_model.merge_and_unload()
-    if hasattr(model, "peft_config"):
-        del model.peft_config
-    return model
 
 
 def trainable_parameters(model: nn.Module) -> list[torch.nn.Parameter]:

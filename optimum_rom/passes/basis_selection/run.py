@@ -17,12 +17,13 @@ from tqdm.auto import tqdm
 
 from ...allocation import RankPlan
 from ...configs import BasisSelectionConfig
+from ...integrations.peft import merge_adapters
+from ...training import frozen_except
 from .model import (
     add_factor_adapters,
     add_new_bases,
     attach_basis_layers,
     kept_bases,
-    merge_adapters,
     merge_into_factorized,
     new_bases_ranks,
     plan_basis_selection,
@@ -30,7 +31,7 @@ from .model import (
     trainable_parameters,
 )
 from .state import load_round, restore_round, run_fingerprint, save_round
-from .training import train_steps, training_mode
+from .training import train_steps
 
 
 def run_basis_selection(
@@ -60,7 +61,7 @@ def run_basis_selection(
     full = {name: layer.rank for name, layer in layers.items()}
     target = {name: plan.ranks[name] - new_ranks[name] for name in layers}
     steps = config.steps_per_round
-    with training_mode(model, config.gradient_checkpointing):
+    with frozen_except(model, train=True, gradient_checkpointing=config.gradient_checkpointing):
         peft_model = add_new_bases(model, new_ranks, layers)
         new_bases = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
         completed = 0

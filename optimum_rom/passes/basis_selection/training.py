@@ -1,4 +1,4 @@
-"""The small training loop Basis Selection needs, on a CPU.
+"""Basis Selection's training steps, on the shared loop (optimum_rom.training).
 
 Batches are a pure function of ``(seed, step)``, so a resumed run sees exactly the batches an
 uninterrupted one would. The loss is the cross-entropy on answer tokens only.
@@ -6,39 +6,14 @@ uninterrupted one would. The loss is the cross-entropy on answer tokens only.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...evaluation.task_loss import answer_nll
-from ...task_data import collate
+from ...task_data import answer_nll, collate
+from ...training import Budget, train
 
 MAX_GRAD_NORM = 1.0
-
-
-@contextmanager
-def training_mode(model: nn.Module, gradient_checkpointing: bool) -> Iterator[None]:
-    """Freeze every weight, switch to train mode (and gradient checkpointing); undo it all on exit.
-
-    Parameters created meanwhile (the factorized layers) end up trainable, like a freshly loaded model's.
-    """
-    flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
-    was_training = model.training
-    model.requires_grad_(False)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-        if gradient_checkpointing:
-            model.gradient_checkpointing_disable()
-        for parameter in model.parameters():
-            parameter.requires_grad_(flags.get(parameter, True))
 
 
 def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
@@ -67,18 +42,18 @@ def train_steps(
 
     Returns the mean loss of the steps.
     """
-    optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
-    parameters = [p for group in param_groups for p in group["params"]]
-    losses = []
-    for step in range(first_step, first_step + steps):
+
+    def loss_at(step: int) -> torch.Tensor:
         batch = collate([examples[i] for i in batch_indices(len(examples), batch_size, seed, step)])
         nll, tokens = answer_nll(model, batch)
-        loss = nll / max(tokens, 1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix({**(status or {}), "loss": f"{losses[-1]:.3f}"}, refresh=False)
+        return nll / max(tokens, 1)
+
+    def show(step: int, loss: float) -> None:
+        bar.set_postfix({**(status or {}), "loss": f"{loss:.3f}"}, refresh=False)
         bar.update(1)
+
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
+    losses = train(
+        optimizer, loss_at, Budget(steps=steps), clip=MAX_GRAD_NORM, first_step=first_step, after_step=show
+    )
     return sum(losses) / len(losses)

@@ -1,0 +1,103 @@
+"""The one optimisation loop: healing, block refinement and Basis Selection all step through it.
+
+Each caller says what a step's loss is (``loss_at(step)``, so batches can be a pure function of
+the step and a resumed run sees the batches an uninterrupted one would), which optimizer moves
+which parameters, and for how long (a :class:`Budget` of steps or seconds); :func:`frozen_except`
+makes sure that nothing else is trained and that the model comes back as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Stop after ``steps`` steps or ``seconds`` of wall time, whichever comes first (``None``: no limit).
+
+    Wall time is what a user can wait for; steps are what a test (or a resumed run) can repeat.
+    """
+
+    steps: int | None = None
+    seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps is None and self.seconds is None:
+            raise ValueError("a training budget needs steps or seconds")
+
+    def spent(self, steps: int, seconds: float) -> bool:
+        return (self.steps is not None and steps >= self.steps) or (
+            self.seconds is not None and seconds >= self.seconds
+        )
+
+
+@contextmanager
+def frozen_except(
+    model: nn.Module,
+    trainable: Iterable[nn.Parameter] = (),
+    *,
+    train: bool | None = None,
+    gradient_checkpointing: bool = False,
+) -> Iterator[None]:
+    """Freeze every parameter of ``model`` but ``trainable`` (and, optionally, switch the train mode and
+    gradient checkpointing); on exit every flag is as it was.
+
+    Parameters created meanwhile (adapters, factorized layers) end up trainable, like a freshly
+    loaded model's.
+    """
+    flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
+    was_training = model.training
+    model.requires_grad_(False)
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if train is not None:
+        model.train(train)
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        for parameter in model.parameters():
+            parameter.requires_grad_(flags.get(parameter, True))
+
+
+def train(
+    optimizer: torch.optim.Optimizer,
+    loss_at: Callable[[int], torch.Tensor],
+    budget: Budget,
+    *,
+    clip: float | None = None,
+    first_step: int = 0,
+    after_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Step ``optimizer`` on ``loss_at(step)`` for steps ``first_step, first_step + 1, ...`` until the
+    budget is spent; gradients are clipped to norm ``clip`` if given. Returns the losses.
+
+    ``after_step(step, loss)`` is called after each step (progress bars, logs).
+    """
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    losses: list[float] = []
+    started = time.perf_counter()
+    with torch.enable_grad():
+        while not budget.spent(len(losses), time.perf_counter() - started):
+            step = first_step + len(losses)
+            loss = loss_at(step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(parameters, clip)
+            optimizer.step()
+            losses.append(loss.item())
+            if after_step is not None:
+                after_step(step, losses[-1])
+    optimizer.zero_grad(set_to_none=True)
+    return losses
