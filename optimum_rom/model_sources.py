@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .checkpoint_format import check_ranks
+
 
 @dataclass(frozen=True)
 class PypiGgufModel:
@@ -107,7 +109,7 @@ def check_model_files(directory: Path) -> None:
             ) from None
     listed = (settings.get("quantization_config") or {}).get("modules")
     if listed is not None and shapes:
-        _check_factors(config, listed, shapes)
+        check_ranks(config, listed, shapes)
     for file in sorted(directory.glob("*.bin")):
         try:
             torch.load(file, map_location="meta", weights_only=True, mmap=zipfile.is_zipfile(file))
@@ -117,19 +119,6 @@ def check_model_files(directory: Path) -> None:
                 f"{file} is not a plain PyTorch state dict ({first_line}); only tensors are loaded, never "
                 "pickled Python objects: save the model with save_pretrained (safetensors)"
             ) from None
-
-
-def _check_factors(config: Path, listed: dict[str, int], shapes: dict[str, list[int]]) -> None:
-    """The ranks ``config.json`` lists must be the factors the weights hold, linear by linear."""
-    suffix = ".down.weight"
-    stored = {name.removesuffix(suffix): shape[0] for name, shape in shapes.items() if name.endswith(suffix)}
-    for name in sorted(set(listed) | set(stored)):
-        if listed.get(name) != stored.get(name):
-            says, holds = (f"rank {r}" if r else "no factors" for r in (listed.get(name), stored.get(name)))
-            raise ValueError(
-                f"{config} and the weights disagree on {name}: quantization_config.modules says {says}, the "
-                f"weights hold {holds}; restore the checkpoint's own config.json or compress the model again"
-            )
 
 
 @contextmanager

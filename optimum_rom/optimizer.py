@@ -24,9 +24,10 @@ from .calibration.data import (
 )
 from .chat import Answerer, files_identity, weights_identity
 from .checkpoint import atomic_directory, check_output_dir, check_output_space, default_work_dir, stored_bytes
+from .checkpoint_format import factorized_ranks
 from .configs import LowRankConfig
 from .healing import heal
-from .integrations.transformers import attach_quantizer, factorized_ranks
+from .integrations.transformers import attach_quantizer
 from .model_card import write_model_card
 from .model_sources import load_causal_lm, load_model, resolve_model_path, source_name
 from .passes import PassData, pass_for

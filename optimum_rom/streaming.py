@@ -31,8 +31,8 @@ from .allocation import RankPlan
 from .calibration.data import CalibrationSet
 from .calibration.walker import BlockStream, capture_block_inputs, chunk_batch_size
 from .checkpoint import PartialOutput, SafetensorsWriter, TensorSpec, ensure_free_space
+from .checkpoint_format import build_skeleton, weights_metadata, with_ranks
 from .configs import LowRankConfig
-from .integrations.transformers import ROM_SAFETENSORS_FORMAT, build_factorized_skeleton
 from .memory import map_large_allocations, return_freed_memory
 from .structure import check_compressible, find_blocks
 
@@ -152,7 +152,7 @@ def output_specs(source: LazyCheckpoint, config: LowRankConfig, plan: RankPlan) 
     store are not stored either.
     """
     final = copy.deepcopy(source.model)  # on the meta device: free
-    build_factorized_skeleton(final, _with_modules(config, plan.ranks))
+    build_skeleton(final, with_ranks(config, plan.ranks))
     specs = {}
     for name, tensor in final.state_dict(keep_vars=True).items():
         module, _, _ = name.rpartition(".")
@@ -182,9 +182,7 @@ def compress_streaming(
     fingerprint = _fingerprint(source, config, plan, data.input_ids)
     specs = output_specs(source, config, plan)
     with PartialOutput(save_dir, overwrite, fingerprint, resumable=True) as partial:
-        writer = SafetensorsWriter(
-            partial.path / "model.safetensors", specs, {"format": ROM_SAFETENSORS_FORMAT}
-        )
+        writer = SafetensorsWriter(partial.path / "model.safetensors", specs, weights_metadata())
         # the output file, and the saved hidden states twice while a block's replace the previous ones
         streams = 1 + (getattr(config, "target", "local") == "dense")
         partial.size = writer.size + 2 * streams * data.input_ids.numel() * model.config.hidden_size * 4
@@ -204,7 +202,7 @@ def compress_streaming(
 
         (partial.path / _HIDDEN_FILE).unlink()
         final_config = copy.deepcopy(source.config)
-        final_config.quantization_config = _with_modules(config, plan.ranks).to_dict()
+        final_config.quantization_config = with_ranks(config, plan.ranks).to_dict()
         final_config.save_pretrained(partial.path)
         generation_config = source.directory / "generation_config.json"
         if generation_config.is_file():
@@ -237,12 +235,6 @@ def _embed(source: LazyCheckpoint, blocks: nn.ModuleList, input_ids: torch.Tenso
         )
     finally:
         source.release(embeddings)
-
-
-def _with_modules(config: LowRankConfig, ranks: dict[str, int]) -> LowRankConfig:
-    config = copy.deepcopy(config)
-    config.modules = dict(ranks)
-    return config
 
 
 def _fingerprint(

@@ -15,9 +15,9 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_rom import LowRankOptimizer, RomConfig, export_onnx
+from optimum_rom.checkpoint_format import factorized_ranks
 from optimum_rom.evaluation import text_perplexity
 from optimum_rom.export import UnsupportedArchitectureError, linear_weights, verify_factorized
-from optimum_rom.integrations.transformers import factorized_ranks
 
 from .conftest import ARCHITECTURES, tiny_config
 

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from optimum_rom import FactorizedLinear, LowRankOptimizer, RomConfig
-from optimum_rom.integrations.transformers import ROM_SAFETENSORS_FORMAT
+from optimum_rom.checkpoint_format import FORMAT_TAG
 
 from .conftest import ARCHITECTURES
 
@@ -39,7 +39,7 @@ def test_checkpoint_holds_only_factorized_weights_and_the_config(model_dir, cali
     assert RomConfig.from_dict(config).modules == config["modules"]
     with safe_open(tmp_path / "rom" / "model.safetensors", "pt") as weights:
         keys = set(weights.keys())
-        assert weights.metadata()["format"] == ROM_SAFETENSORS_FORMAT
+        assert weights.metadata()["format"] == FORMAT_TAG
     assert "model.layers.0.mlp.down_proj.down.weight" in keys
     assert "model.layers.0.mlp.down_proj.weight" not in keys
 

@@ -20,7 +20,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..checkpoint import atomic_directory, check_output_dir
-from ..integrations.transformers import factorized_ranks
+from ..checkpoint_format import factorized_ranks
 from ..model_sources import load_model
 from .decoder_graph import UnsupportedArchitectureError, build_decoder_graph, check_supported
 from .inspection import verify_factorized

@@ -9,7 +9,7 @@ does not list, or listed factors the weights lack, refuse to load instead of bei
 Why the safetensors format tag: stock transformers skips an unknown ``quantization_config``
 with a warning and silently random-initialises every weight it cannot find, so a factorized
 checkpoint opened without the plugin would become a dense model with random linears. Our
-weight files are therefore tagged ``format = ROM_SAFETENSORS_FORMAT``; stock transformers
+weight files are therefore tagged ``format = FORMAT_TAG``; stock transformers
 refuses that with an error quoting the tag, which says what to install. With the plugin
 imported, transformers' safetensors reader is taught to treat the tag as ``"pt"``. This is
 the one piece of transformers we wrap, and the wrapper changes nothing for any other file.
@@ -24,14 +24,17 @@ from torch import nn
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.base import HfQuantizer
 
+from ..checkpoint_format import (
+    FORMAT_TAG,
+    build_skeleton,
+    factor_owner,
+    factorized_ranks,
+    weights_metadata,
+    with_ranks,
+)
 from ..configs import LowRankConfig
 from ..layers import FactorizedLinear
 from ..structure import set_module
-
-ROM_SAFETENSORS_FORMAT = (
-    "optimum-rom factorized (low-rank) weights: run `pip install optimum-rom` and `import optimum_rom` "
-    "before from_pretrained"
-)
 
 
 class LowRankHfQuantizer(HfQuantizer):
@@ -49,7 +52,7 @@ class LowRankHfQuantizer(HfQuantizer):
             )
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        build_factorized_skeleton(model, self.quantization_config)
+        build_skeleton(model, self.quantization_config)
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
@@ -79,9 +82,8 @@ class LowRankHfQuantizer(HfQuantizer):
             {
                 name
                 for key in unexpected_keys
-                for name in [key.rsplit(".", 2)[0]]
-                if key.endswith((".down.weight", ".up.weight", ".up.bias"))
-                and isinstance(modules.get(name), nn.Linear)
+                for name in [factor_owner(key)]
+                if name is not None and isinstance(modules.get(name), nn.Linear)
             }
         )
         if dense:
@@ -95,7 +97,7 @@ class LowRankHfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model: nn.Module, safe_serialization: bool = False):
         # Record the ranks the model has now (a merged LoRA adapter may have grown them); transformers
         # writes config.json from model.config right after this call.
-        self.quantization_config.modules = factorized_ranks(model)
+        self.quantization_config = with_ranks(self.quantization_config, factorized_ranks(model))
         model.config.quantization_config = self.quantization_config
         return None, _TaggedMetadata()
 
@@ -117,36 +119,9 @@ class LowRankHfQuantizer(HfQuantizer):
         return True
 
 
-def build_factorized_skeleton(model: nn.Module, config: LowRankConfig) -> None:
-    """Swap every linear listed in ``config.modules`` for an empty FactorizedLinear of its rank."""
-    for name, rank in config.modules.items():
-        try:
-            dense = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(
-                f"the checkpoint's quantization_config lists {name!r}, which {type(model).__name__} does not have; "
-                "config.json and the weights do not belong together"
-            ) from None
-        if not isinstance(dense, nn.Linear):
-            raise ValueError(f"{name!r} is a {type(dense).__name__}, expected nn.Linear to factorize")
-        layer = FactorizedLinear(
-            dense.in_features,
-            dense.out_features,
-            rank,
-            bias=config.factorized_bias(dense.bias is not None),
-            device=dense.weight.device,
-            dtype=dense.weight.dtype,
-        )
-        set_module(model, name, layer)
-
-
-def factorized_ranks(model: nn.Module) -> dict[str, int]:
-    return {name: m.rank for name, m in model.named_modules() if isinstance(m, FactorizedLinear)}
-
-
 def attach_quantizer(model: nn.Module, config: LowRankConfig) -> None:
     """Make a model compressed in this process look exactly like one loaded from a checkpoint."""
-    config.modules = factorized_ranks(model)
+    config = with_ranks(config, factorized_ranks(model))
     model.config.quantization_config = config
     model.hf_quantizer = LowRankHfQuantizer(config, pre_quantized=True)
     model.is_quantized = True
@@ -158,7 +133,7 @@ class _TaggedMetadata(dict):
     asking the quantizer for metadata, and this dict declines that one overwrite."""
 
     def __init__(self) -> None:
-        super().__init__(format=ROM_SAFETENSORS_FORMAT)
+        super().__init__(weights_metadata())
 
     def __setitem__(self, key: str, value: str) -> None:
         if key != "format":
@@ -182,7 +157,7 @@ class _SafeOpenAcceptingRom:
 
     def metadata(self) -> dict[str, str] | None:
         metadata = self._handle.metadata()
-        if metadata and metadata.get("format") == ROM_SAFETENSORS_FORMAT:
+        if metadata and metadata.get("format") == FORMAT_TAG:
             metadata = {**metadata, "format": "pt"}
         return metadata
 
@@ -208,12 +183,4 @@ def is_factorized(model: nn.Module) -> bool:
     return any(isinstance(m, FactorizedLinear) for m in model.modules())
 
 
-__all__ = [
-    "LowRankHfQuantizer",
-    "ROM_SAFETENSORS_FORMAT",
-    "attach_quantizer",
-    "build_factorized_skeleton",
-    "factorized_ranks",
-    "is_factorized",
-    "register_with_transformers",
-]
+__all__ = ["LowRankHfQuantizer", "attach_quantizer", "is_factorized", "register_with_transformers"]
