@@ -1,11 +1,15 @@
-"""Healing: a short, time-budgeted LoRA fine-tune of a compressed model, merged back.
+"""Healing: a short LoRA fine-tune of a compressed model, merged back; a stage any pass can be followed by.
 
-LoRA adapters (PEFT) go on every linear inside the decoder blocks, and for factorized layers on
-the two factors themselves (``q_proj.down``, ``q_proj.up``), so merging them back leaves every
-matrix exactly the size it was: the model keeps its parameter count. The loss is the language
-modelling loss on the user's text, or (``distill``) the KL divergence to the dense model's
-next-token distribution, which carries more signal per token. Either counts only the data's
-target tokens: for chat data, what the assistant says.
+LoRA adapters (PEFT) go on the linears the config's :class:`HealingSpec` names: every linear in the
+decoder blocks, and for factorized layers the two factors themselves (``q_proj.down``,
+``q_proj.up``), or only the factors; merging them back leaves every matrix exactly the size it
+was, so the model keeps its parameter count. What a step minimizes is the caller's loss:
+
+- :class:`WindowLoss` on calibration windows: the language-modelling loss, or (with a teacher,
+  the dense model) the KL divergence to its next-token distribution, which carries more signal per
+  token. Either counts only the data's target tokens: for chat data, what the assistant says.
+- :class:`AnswerLoss` on prompt/answer examples: the cross-entropy of the answers (Basis
+  Selection's fine-tune stage), batches a pure function of the step.
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration.data import CalibrationSet
+from .configs import HealingSpec
 from .integrations.peft import merge_adapters
+from .layers import FactorizedLinear
 from .structure import find_blocks
-from .training import Budget, frozen_except, train
+from .task_data import answer_nll, collate
+from .training import Budget, batch_indices, frozen_except, train
 
 
 @dataclass
@@ -38,8 +45,16 @@ class HealingReport:
         return asdict(self)
 
 
-def block_linear_names(model: nn.Module) -> list[str]:
-    """Every ``nn.Linear`` inside the decoder blocks, factors of factorized layers included."""
+def lora_targets(model: nn.Module, targets: str) -> list[str]:
+    """``"blocks"``: every ``nn.Linear`` inside the decoder blocks, factors of factorized layers
+    included; ``"factors"``: the ``down`` / ``up`` factors of every factorized linear."""
+    if targets == "factors":
+        return [
+            f"{name}.{factor}"
+            for name, module in model.named_modules()
+            if isinstance(module, FactorizedLinear)
+            for factor in ("down", "up")
+        ]
     blocks_name, blocks = find_blocks(model)
     return [
         f"{blocks_name}.{index}.{name}"
@@ -49,78 +64,86 @@ def block_linear_names(model: nn.Module) -> list[str]:
     ]
 
 
+class WindowLoss:
+    """Random batches of calibration windows (seeded), distilled from ``teacher`` if given."""
+
+    def __init__(
+        self, data: CalibrationSet, teacher: nn.Module | None = None, batch_size: int = 4, seed: int = 0
+    ) -> None:
+        self.data, self.teacher, self.batch_size = data, teacher, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.tokens = 0
+
+    def __call__(self, model: nn.Module, step: int, temperature: float = 1.0) -> torch.Tensor:
+        batch = self.data.rows(torch.randint(0, len(self.data), (self.batch_size,), generator=self.generator))
+        ids = batch.input_ids
+        self.tokens += ids.numel()
+        if self.teacher is None:
+            return model(input_ids=ids, labels=batch.labels()).loss
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        with torch.no_grad():
+            reference = self.teacher(input_ids=ids).logits[:, :-1].float()
+        if batch.loss_mask is not None:  # the positions that predict a target token
+            predicts = batch.loss_mask[:, 1:]
+            logits, reference = logits[predicts], reference[predicts]
+        student = F.log_softmax(logits / temperature, dim=-1).flatten(0, -2)
+        dense = F.log_softmax(reference / temperature, dim=-1).flatten(0, -2)
+        return F.kl_div(student, dense, log_target=True, reduction="batchmean") * temperature**2
+
+
+class AnswerLoss:
+    """The answers' cross-entropy on batches of tokenized prompt/answer examples, batch ``step``
+    being a pure function of ``(seed, step)`` (see :func:`optimum_rom.training.batch_indices`)."""
+
+    def __init__(self, examples: list[dict[str, torch.Tensor]], batch_size: int, seed: int = 0) -> None:
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.tokens = 0
+
+    def __call__(self, model: nn.Module, step: int) -> torch.Tensor:
+        rows = batch_indices(len(self.examples), self.batch_size, self.seed, step)
+        batch = collate([self.examples[i] for i in rows])
+        self.tokens += int(batch["attention_mask"].sum())
+        nll, tokens = answer_nll(model, batch)
+        return nll / max(tokens, 1)
+
+
 def heal(
-    model: nn.Module,
-    data: CalibrationSet,
-    minutes: float,
-    teacher: nn.Module | None = None,
-    lora_rank: int = 16,
-    lr: float = 2e-4,
-    batch_size: int = 4,
-    temperature: float = 1.0,
-    seed: int = 0,
-    progress: bool = True,
-    steps: int | None = None,
+    model: nn.Module, loss: WindowLoss | AnswerLoss, spec: HealingSpec, progress: bool = True
 ) -> HealingReport:
-    """Fine-tune ``model`` in place for about ``minutes`` (or ``steps`` steps, if fewer) on the windows
-    of ``data``.
-
-    With a ``teacher`` (the dense model) the loss is the distillation KL, otherwise next-token
-    cross-entropy. The adapters are merged before returning, so the model's sizes are unchanged.
-    """
-    if minutes <= 0:
-        raise ValueError(f"minutes must be positive, got {minutes}")
-    budget = Budget(steps=steps, seconds=minutes * 60)
-    generator = torch.Generator().manual_seed(seed)
+    """Fine-tune ``model`` in place under ``spec``'s budget and merge the adapters (sizes unchanged)."""
+    budget = Budget(steps=spec.steps, seconds=None if spec.minutes is None else spec.minutes * 60)
+    if (spec.minutes is not None and spec.minutes <= 0) or (spec.steps is not None and spec.steps < 1):
+        raise ValueError(f"healing needs a positive budget, got {spec.minutes} minutes / {spec.steps} steps")
     started = time.perf_counter()
-    bar = tqdm(total=round(budget.seconds), desc="healing", unit="s", disable=not progress)
+    total, unit = (spec.steps, "step") if spec.steps is not None else (round(budget.seconds), "s")
+    bar = tqdm(total=total, desc="healing", unit=unit, disable=not progress)
 
-    def show(step: int, loss: float) -> None:
-        bar.update(min(round(time.perf_counter() - started), bar.total) - bar.n)
-        bar.set_postfix(loss=f"{loss:.3f}", steps=step + 1)
+    def show(step: int, value: float) -> None:
+        done = step + 1 - spec.first_step if spec.steps is not None else round(time.perf_counter() - started)
+        bar.update(min(done, bar.total) - bar.n)
+        bar.set_postfix(loss=f"{value:.3f}", steps=step + 1 - spec.first_step)
 
-    with frozen_except(model, train=True), bar:
-        peft_model = get_peft_model(
-            model,
-            LoraConfig(
-                r=lora_rank,
-                lora_alpha=2 * lora_rank,
-                lora_dropout=0.0,
-                target_modules=block_linear_names(model),
-            ),
+    lora = LoraConfig(
+        r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, target_modules=lora_targets(model, spec.targets)
+    )
+    with frozen_except(model, train=True, gradient_checkpointing=spec.gradient_checkpointing), bar:
+        peft_model = get_peft_model(model, lora)
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=0.0)
+        losses = train(
+            optimizer,
+            lambda step: loss(peft_model, step),
+            budget,
+            clip=1.0,
+            first_step=spec.first_step,
+            after_step=show,
         )
-        optimizer = torch.optim.AdamW(
-            [p for p in peft_model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0
-        )
-
-        def loss_at(step: int) -> torch.Tensor:
-            rows = torch.randint(0, len(data), (batch_size,), generator=generator)
-            return _loss(peft_model, teacher, data.rows(rows), temperature)
-
-        losses = train(optimizer, loss_at, budget, clip=1.0, after_step=show)
         merge_adapters(peft_model)
     tail = losses[-max(1, len(losses) // 10) :]
     return HealingReport(
         steps=len(losses),
-        tokens=len(losses) * batch_size * data.input_ids.shape[1],
+        tokens=loss.tokens,
         seconds=time.perf_counter() - started,
         first_loss=losses[0] if losses else math.nan,
         last_loss=sum(tail) / len(tail) if tail else math.nan,
     )
-
-
-def _loss(
-    model: nn.Module, teacher: nn.Module | None, batch: CalibrationSet, temperature: float
-) -> torch.Tensor:
-    ids = batch.input_ids
-    if teacher is None:
-        return model(input_ids=ids, labels=batch.labels()).loss
-    logits = model(input_ids=ids).logits[:, :-1].float()
-    with torch.no_grad():
-        reference = teacher(input_ids=ids).logits[:, :-1].float()
-    if batch.loss_mask is not None:  # the positions that predict a target token
-        predicts = batch.loss_mask[:, 1:]
-        logits, reference = logits[predicts], reference[predicts]
-    student = F.log_softmax(logits / temperature, dim=-1).flatten(0, -2)
-    dense = F.log_softmax(reference / temperature, dim=-1).flatten(0, -2)
-    return F.kl_div(student, dense, log_target=True, reduction="batchmean") * temperature**2

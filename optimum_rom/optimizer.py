@@ -8,11 +8,14 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from optimum.quantization_base import OptimumQuantizer
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .allocation import RankPlan
 from .calibration.data import (
     BUNDLED_TEXT,
     CalibrationSet,
@@ -25,12 +28,12 @@ from .calibration.data import (
 from .chat import Answerer, files_identity, weights_identity
 from .checkpoint import atomic_directory, check_output_dir, check_output_space, default_work_dir, stored_bytes
 from .checkpoint_format import factorized_ranks
-from .configs import LowRankConfig
-from .healing import heal
+from .configs import HealingSpec, LowRankConfig
+from .healing import AnswerLoss, HealingReport, WindowLoss, heal
 from .integrations.transformers import attach_quantizer
 from .model_card import write_model_card
 from .model_sources import load_causal_lm, load_model, resolve_model_path, source_name
-from .passes import PassData, pass_for
+from .passes import CompressionPass, PassData, pass_for
 from .preflight import check_calibration_memory, check_context_length
 from .streaming import LazyCheckpoint, compress_streaming
 from .structure import (
@@ -46,6 +49,22 @@ from .task_data import TaskFormat, TaskSource, describe_task_source, load_task_s
 # (15 minutes on this class of CPU sees roughly 100k tokens of a 135M model).
 HEAL_SAMPLES = 1024
 HEAL_SEQ_LEN = 256
+
+
+@dataclass
+class _Job:
+    """One ``compress`` call, as its stages (prepare, data, plan, apply, heal, save) share it."""
+
+    config: LowRankConfig
+    method: CompressionPass
+    save_dir: str | Path | None
+    overwrite: bool
+    streamed: bool
+    progress: bool
+    work_dir: Path | None
+    data: Any = None
+    heal_data: CalibrationSet | None = None
+    lazy: LazyCheckpoint | None = None
 
 
 @dataclass
@@ -166,8 +185,43 @@ class LowRankOptimizer(OptimumQuantizer):
             raise TypeError(
                 f"config must be a RomConfig or another LowRankConfig, got {type(config).__name__}"
             )
-        config = copy.deepcopy(config)
-        compression_pass = pass_for(config)
+        job = self._prepare(copy.deepcopy(config), save_dir, overwrite, work_dir, progress)
+        self._load_data(job, calibration, train_dataset, task, text_field, chat)
+        model, plan = self._plan(job)
+        spec = job.config.healing()
+        teacher = None
+        if spec is not None and spec.distill and not job.streamed:
+            teacher = copy.deepcopy(model)  # the dense model, before it is compressed in place
+        before = (count_parameters(model), decoder_linear_parameters(model))
+        started = time.perf_counter()
+        self._apply(job, model, plan)
+        seconds = time.perf_counter() - started
+        healing = self._heal(job, spec, teacher)
+        self.report = CompressionReport(
+            method=job.config.quant_method,
+            params_before=before[0],
+            params_after=count_parameters(self._model),
+            linear_params_before=before[1],
+            linear_params_after=decoder_linear_parameters(self._model),
+            target_ratio=job.config.params_ratio,
+            factorized_modules=len(factorized_ranks(self._model)),
+            seconds=seconds,
+            streamed=job.streamed,
+            healing=healing.to_dict() if healing else None,
+        )
+        if save_dir is not None and (not job.streamed or healing):
+            self.save(save_dir, overwrite=overwrite or job.streamed)
+        elif save_dir is not None:
+            self.write_model_card(save_dir)
+        if job.work_dir is not None:
+            shutil.rmtree(job.work_dir, ignore_errors=True)
+        return self._model
+
+    def _prepare(
+        self, config: LowRankConfig, save_dir: str | Path | None, overwrite: bool, work_dir, progress: bool
+    ) -> _Job:
+        """The checks that need no data: the output, the tokenizer, the context length, the memory."""
+        method = pass_for(config)
         if save_dir is not None:
             check_output_dir(save_dir, overwrite, inputs=self._input_paths())
             if self.tokenizer is None:
@@ -177,80 +231,74 @@ class LowRankOptimizer(OptimumQuantizer):
         model_config = (
             self._model.config if self._model is not None else AutoConfig.from_pretrained(self.source)
         )
-        if compression_pass.data is not PassData.NONE:
+        if method.data is not PassData.NONE:
             check_context_length(model_config, config.seq_len)
-        if compression_pass.data is PassData.CALIBRATION:
+        if method.data is PassData.CALIBRATION:
             check_calibration_memory(model_config, config)
-        streamed = save_dir is not None and self._model is None and compression_pass.streams(config)
-        config.source_model = self.source_name
-        if compression_pass.data is PassData.TASK:
-            data = self._training_examples(config, train_dataset, task, calibration)
-            config.calibration = describe_task_source(train_dataset, task)
-        elif compression_pass.data is PassData.CALIBRATION:
-            calibration = self._calibration_source(config, calibration, train_dataset, chat)
-            config.calibration = describe_source(calibration)
-            data, heal_data = self._calibration_data(config, calibration, text_field, streamed, progress)
-        else:  # data-free (e.g. SVD)
-            data = heal_data = config.calibration = None
-        lazy = LazyCheckpoint(self.source) if streamed else None
-        model = lazy.model if streamed else self.model
-        check_compressible(model)
-        if not streamed:
-            check_materialized(model)
-        check_finite_weights(lazy.tensors() if streamed else model.named_parameters())
-        plan = compression_pass.plan(model, config, data, progress)
-        compression_pass.check(config, plan, data)
-        if save_dir is not None and not streamed:
-            check_output_space(save_dir, plan.kept_params * model.dtype.itemsize)
-        if compression_pass.resumable and work_dir is None and save_dir is not None:
+        streamed = save_dir is not None and self._model is None and method.can_stream(config)
+        if method.resumable and work_dir is None and save_dir is not None:
             work_dir = default_work_dir(save_dir)
-        run_options = {"work_dir": work_dir} if compression_pass.resumable else {}
-
-        heal_minutes = getattr(config, "heal_minutes", 0)
-        teacher = None
-        if heal_minutes and config.heal_distill and not streamed:
-            teacher = copy.deepcopy(model)  # the dense model, before it is compressed in place
-
-        started = time.perf_counter()
-        params_before = count_parameters(model)
-        linear_params_before = decoder_linear_parameters(model)
-        if streamed:
-            path = compress_streaming(
-                lazy, self.tokenizer, config, plan, data, compression_pass.run, save_dir, overwrite, progress
-            )
-            self._model = AutoModelForCausalLM.from_pretrained(path)
-        else:
-            # Half-precision weights are compressed in float32 and returned in their own dtype.
-            dtype = model.dtype
-            compression_pass.run(model.float(), config, data, plan=plan, progress=progress, **run_options)
-            model.to(dtype)
-            attach_quantizer(model, config)
-        seconds = time.perf_counter() - started
-        healing = None
-        if heal_minutes:
-            if config.heal_distill and teacher is None:
-                teacher = load_causal_lm(self.source)
-            healing = heal(self._model, heal_data, heal_minutes, teacher=teacher, progress=progress)
-            del teacher
-        self.report = CompressionReport(
-            method=config.quant_method,
-            params_before=params_before,
-            params_after=count_parameters(self._model),
-            linear_params_before=linear_params_before,
-            linear_params_after=decoder_linear_parameters(self._model),
-            target_ratio=config.params_ratio,
-            factorized_modules=len(factorized_ranks(self._model)),
-            seconds=seconds,
-            streamed=streamed,
-            healing=healing.to_dict() if healing else None,
+        config.source_model = self.source_name
+        return _Job(
+            config, method, save_dir, overwrite, streamed, progress, work_dir if method.resumable else None
         )
-        if save_dir is not None and (not streamed or healing):
-            self.save(save_dir, overwrite=overwrite or streamed)
-        elif save_dir is not None:
-            self.write_model_card(save_dir)
-        if run_options.get("work_dir") is not None:
-            shutil.rmtree(run_options["work_dir"], ignore_errors=True)
-        return self._model
+
+    def _load_data(self, job: _Job, calibration, train_dataset, task, text_field: str, chat: bool) -> None:
+        """What the pass consumes (and the healing stage after it), loaded and checked before any work."""
+        config = job.config
+        if job.method.data is PassData.TASK:
+            job.data = self._training_examples(config, train_dataset, task, calibration)
+            config.calibration = describe_task_source(train_dataset, task)
+        elif job.method.data is PassData.CALIBRATION:
+            source = self._calibration_source(config, calibration, train_dataset, chat)
+            config.calibration = describe_source(source)
+            job.data, job.heal_data = self._calibration_data(
+                config, source, text_field, job.streamed, job.progress
+            )
+        else:
+            config.calibration = None
+
+    def _plan(self, job: _Job) -> tuple[nn.Module, RankPlan]:
+        """The model to compress (on the meta device when streamed) and its checked plan."""
+        job.lazy = LazyCheckpoint(self.source) if job.streamed else None
+        model = job.lazy.model if job.streamed else self.model
+        check_compressible(model)
+        if not job.streamed:
+            check_materialized(model)
+        check_finite_weights(job.lazy.tensors() if job.streamed else model.named_parameters())
+        plan = job.method.plan(model, job.config, job.data, job.progress)
+        job.method.check(job.config, plan, job.data)
+        if job.save_dir is not None and not job.streamed:
+            check_output_space(job.save_dir, plan.kept_params * model.dtype.itemsize)
+        return model, plan
+
+    def _apply(self, job: _Job, model: nn.Module, plan: RankPlan) -> None:
+        if job.streamed:
+            path = compress_streaming(
+                job.lazy, self.tokenizer, job.config, plan, job.data, job.method.apply, job.save_dir,
+                job.overwrite, job.progress,
+            )  # fmt: skip
+            self._model = AutoModelForCausalLM.from_pretrained(path)
+            return
+        dtype = model.dtype  # half-precision weights are compressed in float32, returned in their own dtype
+        job.method.apply(
+            model.float(), job.config, job.data, plan, progress=job.progress, work_dir=job.work_dir
+        )
+        model.to(dtype)
+        attach_quantizer(model, job.config)
+
+    def _heal(self, job: _Job, spec: HealingSpec | None, teacher: nn.Module | None) -> HealingReport | None:
+        """The healing stage the config asks for, whatever the pass: on the calibration windows, or
+        on the pass's own prompt/answer examples."""
+        if spec is None:
+            return None
+        if spec.distill and teacher is None:
+            teacher = load_causal_lm(self.source)
+        if job.method.data is PassData.TASK:
+            loss = AnswerLoss(job.data, spec.batch_size, job.config.seed)
+        else:
+            loss = WindowLoss(job.heal_data, teacher if spec.distill else None, spec.batch_size)
+        return heal(self._model, loss, spec, job.progress)
 
     def _input_paths(self) -> list[Path | None]:
         """Where the model came from, which no output may overwrite."""
@@ -316,7 +364,7 @@ class LowRankOptimizer(OptimumQuantizer):
                 stacklevel=3,
             )
         heal_data = None
-        if getattr(config, "heal_minutes", 0):
+        if config.healing() is not None:
             heal_data = load_calibration(
                 calibration, self.tokenizer, HEAL_SAMPLES, HEAL_SEQ_LEN, seed + 1, *options
             )

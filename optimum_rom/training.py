@@ -101,3 +101,13 @@ def train(
                 after_step(step, losses[-1])
     optimizer.zero_grad(set_to_none=True)
     return losses
+
+
+def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Example indices of batch ``step``: consecutive slices of one seeded permutation per epoch."""
+    indices = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, num_examples)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        indices.append(int(torch.randperm(num_examples, generator=generator)[offset]))
+    return indices

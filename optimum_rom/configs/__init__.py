@@ -1,8 +1,8 @@
 """JSON-serializable configs of the compression passes."""
 
-from .base import LowRankConfig
+from .base import HealingSpec, LowRankConfig
 from .basis_selection import BasisSelectionConfig
 from .rom import RomConfig
 from .svd import SvdConfig
 
-__all__ = ["BasisSelectionConfig", "LowRankConfig", "RomConfig", "SvdConfig"]
+__all__ = ["BasisSelectionConfig", "HealingSpec", "LowRankConfig", "RomConfig", "SvdConfig"]

@@ -14,6 +14,28 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 
+@dataclass(frozen=True)
+class HealingSpec:
+    """The healing stage a config asks for after its pass: LoRA on the compressed model, merged back.
+
+    ``minutes`` / ``steps``: the budget (wall time for users, steps for a fixed amount of work).
+    ``distill``: towards the dense model's next-token distribution (else the data's own tokens).
+    ``targets``: ``"blocks"`` every linear in the decoder blocks (factors included), ``"factors"``
+    only the factors of factorized linears. ``first_step`` continues a pass's batch sequence.
+    """
+
+    minutes: float | None = None
+    steps: int | None = None
+    distill: bool = True
+    rank: int = 16
+    alpha: int = 32
+    learning_rate: float = 2e-4
+    batch_size: int = 4
+    targets: str = "blocks"
+    gradient_checkpointing: bool = False
+    first_step: int = 0
+
+
 @dataclass
 class LowRankConfig(QuantizationConfigMixin):
     """Options shared by all passes.
@@ -54,6 +76,10 @@ class LowRankConfig(QuantizationConfigMixin):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
+
+    def healing(self) -> HealingSpec | None:
+        """The healing stage that follows the pass (``None``: none)."""
+        return None
 
     def factorized_bias(self, dense_has_bias: bool) -> bool:
         """Whether a factorized linear carries a bias on ``up`` (passes that correct the mean always do)."""

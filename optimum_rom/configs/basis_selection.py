@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import LowRankConfig
+from .base import HealingSpec, LowRankConfig
 
 BASES = ("activation", "svd")
 _POSITIVE_INTS = (
@@ -96,3 +96,19 @@ class BasisSelectionConfig(LowRankConfig):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+    def healing(self) -> HealingSpec | None:
+        """The fine-tune stage: LoRA on the factors, trained on the task, the batches continuing the rounds'."""
+        if not self.fine_tune_steps:
+            return None
+        return HealingSpec(
+            steps=self.fine_tune_steps,
+            distill=False,
+            rank=self.fine_tune_rank,
+            alpha=self.fine_tune_rank,
+            learning_rate=self.fine_tune_learning_rate,
+            batch_size=self.batch_size,
+            targets="factors",
+            gradient_checkpointing=self.gradient_checkpointing,
+            first_step=self.num_rounds * self.steps_per_round,
+        )

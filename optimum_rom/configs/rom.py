@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import LowRankConfig
+from .base import HealingSpec, LowRankConfig
 
 ALLOCATIONS = ("uniform", "paper", "adaptive")
 TARGETS = ("local", "dense")
@@ -86,6 +86,11 @@ class RomConfig(LowRankConfig):
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[preset], **overrides})
+
+    def healing(self) -> HealingSpec | None:
+        if not self.heal_minutes:
+            return None
+        return HealingSpec(minutes=self.heal_minutes, distill=self.heal_distill)
 
     def factorized_bias(self, dense_has_bias: bool) -> bool:
         return self.center or dense_has_bias

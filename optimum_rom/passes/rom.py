@@ -27,6 +27,7 @@ from ..layers import FactorizedLinear
 from ..linalg import top_left_singular_vectors
 from ..refinement import refine_block
 from ..structure import count_parameters, find_linear_sites, set_module
+from .base import CompressionPass
 
 
 def plan_rom(
@@ -96,11 +97,6 @@ def _compress_block(
         refine_block(step, targets, config.refine_epochs, seed=config.seed)
 
 
-def streams_rom(config: RomConfig) -> bool:
-    """Whether a ROM run can stream the model block by block (adaptive allocation needs it whole)."""
-    return config.allocation != "adaptive"
-
-
 def check_calibration_size(config: RomConfig, plan: RankPlan, data: CalibrationSet) -> None:
     """A covariance of N tokens has rank < N: a larger rank would keep arbitrary directions."""
     tokens = data.input_ids.numel()
@@ -159,3 +155,24 @@ def corrected_factors(
     down = torch.linalg.solve_triangular(lower, up.T @ fitted, upper=False, left=False)  # U^T W*
     target_mean = weight @ moments.paired_mean + (0 if bias is None else bias)
     return down, up, target_mean - up @ (down @ moments.mean)
+
+
+class RomPass(CompressionPass):
+    """ROM: calibration windows in, factorized linears out; streams unless the allocation is adaptive
+    (its gradient pass needs the whole model)."""
+
+    config_class = RomConfig
+
+    def can_stream(self, config: RomConfig) -> bool:
+        return config.allocation != "adaptive"
+
+    def plan(
+        self, model: nn.Module, config: RomConfig, data: CalibrationSet, progress: bool = True
+    ) -> RankPlan:
+        return plan_rom(model, config, data, progress)
+
+    def check(self, config: RomConfig, plan: RankPlan, data: CalibrationSet) -> None:
+        check_calibration_size(config, plan, data)
+
+    def apply(self, model, config, data, plan, *, progress=True, stream=None, work_dir=None) -> None:
+        run_rom(model, config, data, plan, progress, stream)

@@ -16,6 +16,7 @@ from ..allocation import RankPlan, plan_model
 from ..configs.svd import SvdConfig
 from ..layers import FactorizedLinear
 from ..structure import set_module
+from .base import CompressionPass, PassData
 
 
 def plan_svd(model: nn.Module, config: SvdConfig, data: None = None, progress: bool = True) -> RankPlan:
@@ -51,3 +52,16 @@ def svd_factorize(linear: nn.Linear, rank: int) -> FactorizedLinear:
     dtype = linear.weight.dtype
     bias = None if linear.bias is None else linear.bias.detach().to(dtype)
     return FactorizedLinear.from_factors((basis.T @ weight).to(dtype), basis.to(dtype), bias)
+
+
+class SvdPass(CompressionPass):
+    """The data-free baseline."""
+
+    config_class = SvdConfig
+    data = PassData.NONE
+
+    def plan(self, model: nn.Module, config: SvdConfig, data: None = None, progress: bool = True) -> RankPlan:
+        return plan_svd(model, config)
+
+    def apply(self, model, config, data, plan, *, progress=True, stream=None, work_dir=None) -> None:
+        run_svd(model, config, plan=plan, progress=progress)

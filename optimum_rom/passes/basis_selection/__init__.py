@@ -7,6 +7,6 @@ loop, ``state`` resuming, and ``run`` the pass itself.
 
 from .layer import BasisLinear
 from .model import plan_basis_selection
-from .run import run_basis_selection
+from .run import BasisSelectionPass, run_basis_selection
 
-__all__ = ["BasisLinear", "plan_basis_selection", "run_basis_selection"]
+__all__ = ["BasisLinear", "BasisSelectionPass", "plan_basis_selection", "run_basis_selection"]

@@ -18,7 +18,6 @@ from ...allocation import RankPlan, plan_uniform
 from ...calibration import collect_block_statistics, walk_blocks
 from ...configs import BasisSelectionConfig
 from ...integrations.peft import merge_adapters
-from ...layers import FactorizedLinear
 from ...structure import LinearSite, count_parameters, find_blocks, find_linear_sites, set_module
 from .layer import BasisLinear
 
@@ -131,20 +130,3 @@ def merge_into_factorized(peft_model: PeftModel, layers: dict[str, BasisLinear])
     for name, layer in layers.items():
         set_module(model, name, layer.to_factorized())
     return model
-
-
-def add_factor_adapters(model: nn.Module, rank: int) -> PeftModel:
-    """LoRA on the ``down``/``up`` factors of every FactorizedLinear: merging it keeps every size."""
-    targets = [
-        f"{name}.{factor}"
-        for name, module in model.named_modules()
-        if isinstance(module, FactorizedLinear)
-        for factor in ("down", "up")
-    ]
-    return get_peft_model(
-        model, LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0)
-    )
-
-
-def trainable_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]

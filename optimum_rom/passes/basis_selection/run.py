@@ -4,7 +4,8 @@ Round ``t`` of ``N``: every matrix prunes its smallest-coefficient bases down to
 schedule's count for ``t``, then ``steps_per_round`` optimizer steps train the coefficients of
 the survivors and the new bases on the answer tokens of the target data. The last round prunes
 to the final count, so its steps adapt the model at its final size. Kept and new bases are then
-merged and re-factorized into FactorizedLinear layers at exactly the planned ranks.
+merged and re-factorized into FactorizedLinear layers at exactly the planned ranks. The optional
+fine-tune (``fine_tune_steps``) is the optimizer's healing stage, which follows any pass.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from tqdm.auto import tqdm
 
 from ...allocation import RankPlan
 from ...configs import BasisSelectionConfig
-from ...integrations.peft import merge_adapters
 from ...training import frozen_except
+from ..base import CompressionPass, PassData
 from .model import (
-    add_factor_adapters,
     add_new_bases,
     attach_basis_layers,
     kept_bases,
@@ -28,7 +28,6 @@ from .model import (
     new_bases_ranks,
     plan_basis_selection,
     token_windows,
-    trainable_parameters,
 )
 from .state import load_round, restore_round, run_fingerprint, save_round
 from .training import train_steps
@@ -100,31 +99,21 @@ def run_basis_selection(
                 )
                 if work_dir:
                     save_round(work_dir, fingerprint, round_index, layers, new_bases)
-        model = merge_into_factorized(peft_model, layers)
-        if config.fine_tune_steps:
-            fine_tune(model, config, examples, first_step=config.num_rounds * steps, progress=progress)
+        merge_into_factorized(peft_model, layers)
     return plan
 
 
-def fine_tune(
-    model: nn.Module,
-    config: BasisSelectionConfig,
-    examples: list[dict[str, torch.Tensor]],
-    first_step: int,
-    progress: bool = True,
-) -> None:
-    """The optional second stage: LoRA on the factors, trained on the task, merged (sizes unchanged)."""
-    peft_model = add_factor_adapters(model, config.fine_tune_rank)
-    param_groups = [{"params": trainable_parameters(peft_model), "lr": config.fine_tune_learning_rate}]
-    with tqdm(total=config.fine_tune_steps, desc="fine-tune", unit="step", disable=not progress) as bar:
-        train_steps(
-            peft_model,
-            param_groups,
-            examples,
-            first_step=first_step,
-            steps=config.fine_tune_steps,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            bar=bar,
-        )
-    merge_adapters(peft_model)
+class BasisSelectionPass(CompressionPass):
+    """Basis Selection: trains on the target task's examples, resumable after every round."""
+
+    config_class = BasisSelectionConfig
+    data = PassData.TASK
+    resumable = True
+
+    def plan(
+        self, model: nn.Module, config: BasisSelectionConfig, data=None, progress: bool = True
+    ) -> RankPlan:
+        return plan_basis_selection(model, config)
+
+    def apply(self, model, config, data, plan, *, progress=True, stream=None, work_dir=None) -> None:
+        run_basis_selection(model, config, data, plan, progress, work_dir)

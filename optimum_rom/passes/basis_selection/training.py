@@ -11,19 +11,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...task_data import answer_nll, collate
-from ...training import Budget, train
+from ...training import Budget, batch_indices, train
 
 MAX_GRAD_NORM = 1.0
-
-
-def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """Example indices of batch ``step``: consecutive slices of one seeded permutation per epoch."""
-    indices = []
-    for position in range(step * batch_size, (step + 1) * batch_size):
-        epoch, offset = divmod(position, num_examples)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        indices.append(int(torch.randperm(num_examples, generator=generator)[offset]))
-    return indices
 
 
 def train_steps(
