@@ -32,8 +32,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from tqdm.auto import tqdm
 
 from optimum_rom import LowRankConfig, LowRankOptimizer, RomConfig, SvdConfig
 from optimum_rom.calibration.data import CalibrationSource, ChatCalibration
+from optimum_rom.checkpoint import exclusive, write_text_atomically
 from optimum_rom.evaluation.suite import TASKS, ZERO_SHOT_TASKS, EvaluationOptions, parse_tasks, summarize
 from optimum_rom.evaluation.suite import evaluate as run_tasks
 from optimum_rom.model_sources import DEFAULT_MODEL
@@ -150,34 +150,7 @@ class ResultStore:
         return task in self.data["runs"].get(key, {}).get("tasks", {})
 
     def save(self) -> None:
-        partial = self.path.with_name(f".{self.path.name}.partial")
-        partial.write_text(json.dumps(self.data, indent=2) + "\n")
-        os.replace(partial, self.path)
-
-
-@contextmanager
-def exclusive(output: Path) -> Iterator[None]:
-    """One benchmark per output folder: two would overwrite each other's ``results.json``."""
-    lock = output / ".lock"
-    if lock.is_file() and _is_running(int(lock.read_text() or 0)):
-        raise RuntimeError(
-            f"another benchmark (pid {lock.read_text()}) is writing to {output}; wait for it or stop it"
-        )
-    lock.write_text(str(os.getpid()))
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _is_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
+        write_text_atomically(self.path, json.dumps(self.data, indent=2) + "\n")
 
 
 def model_key(method: str, ratio: float) -> str:
@@ -427,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
         args.data_dir = build_data_dir(args.shared_data, args.output / "data")
     started = time.perf_counter()
     args.output.mkdir(parents=True, exist_ok=True)
-    with exclusive(args.output):
+    with exclusive(args.output, f"{args.output} (another benchmark)"):
         run_benchmark(args)
     print(markdown_tables(json.loads((args.output / "results.json").read_text())))
     print(f"done in {time.perf_counter() - started:.0f} s; results in {args.output}", file=sys.stderr)

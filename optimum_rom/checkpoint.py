@@ -6,6 +6,7 @@ Everything is written into a hidden sibling directory and renamed into place at 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -110,6 +111,71 @@ def check_output_space(output: str | Path, needed: int) -> None:
     ensure_free_space(next(p for p in output.parents if p.exists()), needed)
 
 
+@contextmanager
+def exclusive(directory: Path, what: str) -> Iterator[None]:
+    """Hold ``directory/.lock`` (an OS lock, released when the process ends, however it ends), so that
+    two processes never write the same place; ``what`` names the place in the refusal."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / ".lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(
+                f"another optimum-rom process is writing {what}; wait for it to finish"
+            ) from None
+        yield
+
+
+class WorkDir:
+    """A directory where a long run keeps its progress, so that the same run started again continues.
+
+    The journal (``progress.json``) names the run by its ``fingerprint`` and records how far it got;
+    it is written after the state it refers to is on disk. Entered by a run with another fingerprint
+    (another model, config or data), the directory is emptied first. A lock keeps two processes out.
+    """
+
+    JOURNAL = "progress.json"
+
+    def __init__(self, path: Path, fingerprint: str, what: str | None = None) -> None:
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.what = what or str(self.path)
+        self.progress: dict = {}
+        self.discarded = False  # the directory held another run's progress, now gone
+        self._lock: contextlib.AbstractContextManager | None = None
+
+    def __enter__(self) -> WorkDir:
+        self._lock = exclusive(self.path, self.what)
+        self._lock.__enter__()
+        journal = self.path / self.JOURNAL
+        previous = json.loads(journal.read_text()) if journal.is_file() else {}
+        if previous and previous.get("fingerprint") == self.fingerprint:
+            self.progress = previous
+        else:
+            self.discarded = bool(previous)
+            self.clear()
+        return self
+
+    def clear(self) -> None:
+        self.progress = {}
+        for item in self.path.iterdir():
+            if item.name != ".lock":
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+
+    @property
+    def resumed(self) -> bool:
+        return bool(self.progress)
+
+    def record(self, **progress) -> None:
+        """Atomically update the journal (after the state it refers to is on disk)."""
+        self.progress = {"fingerprint": self.fingerprint, **progress}
+        write_text_atomically(self.path / self.JOURNAL, json.dumps(self.progress))
+
+    def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            self._lock.__exit__(*exc)
+
+
 class PartialOutput:
     """The hidden ``.<name>.partial`` directory a run writes into, renamed to ``<name>`` when done.
 
@@ -119,8 +185,6 @@ class PartialOutput:
     same ``fingerprint`` continues from it, any other run starts afresh. Every other failure
     leaves nothing behind. ``size`` is the planned size of the output, for a disk-full message.
     """
-
-    JOURNAL = "progress.json"
 
     def __init__(
         self,
@@ -132,40 +196,27 @@ class PartialOutput:
     ):
         self.output = check_output_dir(output, overwrite)
         self.path = partial_dir(self.output)
-        self.fingerprint = fingerprint
         self.resumable = resumable
         self.size = size
-        self.progress: dict = {}
-        self._lock = None
+        self.work = WorkDir(self.path, fingerprint, what=str(self.output))
 
     def __enter__(self) -> PartialOutput:
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = (self.path / ".lock").open("w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise FileExistsError(
-                f"another optimum-rom process is writing {self.output}; wait for it to finish"
-            ) from None
-        journal = self.path / self.JOURNAL
-        previous = json.loads(journal.read_text()) if journal.is_file() else {}
-        if self.resumable and previous.get("fingerprint") == self.fingerprint:
-            self.progress = previous
-        else:
-            for item in self.path.iterdir():
-                if item.name != ".lock":
-                    shutil.rmtree(item) if item.is_dir() else item.unlink()
+        self.work.__enter__()
+        if not self.resumable:  # a run that cannot resume always starts from an empty directory
+            self.work.clear()
         return self
 
     @property
+    def progress(self) -> dict:
+        return self.work.progress
+
+    @property
     def resumed(self) -> bool:
-        return bool(self.progress)
+        return self.work.resumed
 
     def record(self, **progress) -> None:
         """Atomically update the journal (after the state it refers to is on disk)."""
-        self.progress = {"fingerprint": self.fingerprint, **progress}
-        write_text_atomically(self.path / self.JOURNAL, json.dumps(self.progress))
+        self.work.record(**progress)
 
     def finish(self) -> Path:
         """Drop the journal, mark the directory as ours and move it into place.
@@ -173,7 +224,7 @@ class PartialOutput:
         The previous output, if any, is removed only once the new one is in place. Modes follow
         the user's umask: some writers (safetensors) create their files 0600.
         """
-        (self.path / self.JOURNAL).unlink(missing_ok=True)
+        (self.path / WorkDir.JOURNAL).unlink(missing_ok=True)
         (self.path / ".lock").unlink(missing_ok=True)
         entries = sorted(item.relative_to(self.path).as_posix() for item in self.path.rglob("*"))
         (self.path / OUTPUT_MARKER).write_text(json.dumps({"files": entries}, indent=1) + "\n")
@@ -189,8 +240,7 @@ class PartialOutput:
         return self.output
 
     def __exit__(self, kind, error, traceback) -> None:
-        if self._lock is not None:
-            self._lock.close()
+        self.work.__exit__(kind, error, traceback)
         if error is None:
             return
         keep = self.resumable and self.progress and _rerun_can_continue(error)

@@ -172,7 +172,7 @@ def test_state_of_a_different_run_is_ignored(tokenizer, tmp_path, caplog, monkey
     examples = training_examples(tokenizer, counting_pairs(), FAST["num_samples"], FAST["seq_len"])
     first = BasisSelectionConfig(params_ratio=0.7, **FAST)
     run_basis_selection(tiny_model("llama"), first, examples, progress=False, work_dir=tmp_path)
-    assert json.loads((tmp_path / "state.json").read_text())["completed"] == first.num_rounds
+    assert json.loads((tmp_path / "progress.json").read_text())["completed"] == first.num_rounds
 
     trained_rounds = []
     original = run_module.train_steps

@@ -2,12 +2,12 @@
 
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
+from optimum_rom.checkpoint import exclusive
 from optimum_rom.task_data import load_pairs, split_pairs
 
 from .conftest import SHARED_DATA
@@ -51,9 +51,8 @@ def test_benchmark_writes_results_table_and_plot_and_resumes(
     assert "0 evaluations to run (6 already done)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="other settings"):
         quality.main([*argv, "--limit", "3"])
-    (tmp_path / "out" / ".lock").write_text(str(os.getpid()))  # a live process holds the folder
-    with pytest.raises(RuntimeError, match="another benchmark"):
-        quality.main(argv)
+    with exclusive(tmp_path / "out", "the folder"), pytest.raises(FileExistsError, match="another benchmark"):
+        quality.main(argv)  # another process holds the folder
 
 
 def test_methods_are_a_table_of_config_factories(quality):

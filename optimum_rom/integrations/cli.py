@@ -216,7 +216,10 @@ def evaluate(args: Namespace) -> None:
     for sample in results["tasks"].get("chat", {}).get("samples", []):
         print(f"\n> {sample['prompt']}\ndense: {sample['dense']}\nmodel: {sample['model']}")
     if args.output_json:
-        write_json(Path(args.output_json), report)
+        from ..checkpoint import write_text_atomically
+
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(Path(args.output_json), json.dumps(report, indent=2) + "\n")
         print(f"results written to {args.output_json}")
 
 
@@ -231,14 +234,6 @@ def task_data_override(tasks: list[str], task_data: str) -> dict[str, Path]:
             f"--task asks for {len(chosen)} of them"
         )
     return {TASKS[chosen[0]].files[0]: Path(task_data)}
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` so that the file is either complete or absent (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, path)
 
 
 def export(args: Namespace) -> None:

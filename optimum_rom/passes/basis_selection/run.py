@@ -10,6 +10,7 @@ fine-tune (``fine_tune_steps``) is the optimizer's healing stage, which follows 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...allocation import RankPlan
+from ...checkpoint import WorkDir
 from ...configs import BasisSelectionConfig
 from ...training import frozen_except
 from ..base import CompressionPass, PassData
@@ -31,6 +33,8 @@ from .model import (
 )
 from .state import load_round, restore_round, run_fingerprint, save_round
 from .training import train_steps
+
+logger = logging.getLogger(__name__)
 
 
 def run_basis_selection(
@@ -49,9 +53,29 @@ def run_basis_selection(
     plan = plan or plan_basis_selection(model, config)
     if not plan.ranks:
         return plan
-    work_dir = None if work_dir is None else Path(work_dir)
-    fingerprint = run_fingerprint(model, config, examples) if work_dir else ""
-    saved = load_round(work_dir, fingerprint) if work_dir else None
+    if work_dir is None:
+        _rounds(model, config, examples, plan, progress, None)
+        return plan
+    with WorkDir(Path(work_dir), run_fingerprint(model, config, examples)) as work:
+        if work.discarded:
+            logger.warning(
+                "ignoring the saved Basis Selection state in %s: it belongs to a different model, config or "
+                "data set; starting from round 0",
+                work_dir,
+            )
+        _rounds(model, config, examples, plan, progress, work)
+    return plan
+
+
+def _rounds(
+    model: nn.Module,
+    config: BasisSelectionConfig,
+    examples: list[dict[str, torch.Tensor]],
+    plan: RankPlan,
+    progress: bool,
+    work: WorkDir | None,
+) -> None:
+    saved = load_round(work) if work is not None else None
     windows = None
     if config.bases == "activation":
         windows = token_windows(examples, config.calibration_windows, config.seq_len)
@@ -97,10 +121,9 @@ def run_basis_selection(
                     bar=bar,
                     status={"round": f"{round_index}/{config.num_rounds}", "bases": f"{kept:.0%}"},
                 )
-                if work_dir:
-                    save_round(work_dir, fingerprint, round_index, layers, new_bases)
+                if work is not None:
+                    save_round(work, round_index, layers, new_bases)
         merge_into_factorized(peft_model, layers)
-    return plan
 
 
 class BasisSelectionPass(CompressionPass):

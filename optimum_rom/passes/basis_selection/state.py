@@ -10,20 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ...checkpoint import WorkDir
 from ...configs import BasisSelectionConfig
 from .layer import BasisLinear
-
-logger = logging.getLogger(__name__)
-
-STATE_JSON = "state.json"
 
 
 def run_fingerprint(
@@ -44,43 +38,28 @@ def run_fingerprint(
 
 
 def save_round(
-    work_dir: Path,
-    fingerprint: str,
-    completed: int,
-    layers: dict[str, BasisLinear],
-    new_bases: dict[str, torch.Tensor],
+    work: WorkDir, completed: int, layers: dict[str, BasisLinear], new_bases: dict[str, torch.Tensor]
 ) -> None:
-    """Record that ``completed`` rounds are done; the JSON is written last, so it only ever names complete files."""
-    work_dir.mkdir(parents=True, exist_ok=True)
+    """Record that ``completed`` rounds are done; the journal is written last, so it only ever names
+    complete files."""
     tensors = {}
     for name, layer in layers.items():
         tensors[f"{name}.basis_ids"] = layer.basis_ids.contiguous()
         tensors[f"{name}.coefficient_root"] = layer.coefficient_root.detach().contiguous()
     tensors.update({f"new_bases.{k}": v.detach().contiguous() for k, v in new_bases.items()})
     weights = f"round-{completed}.safetensors"
-    save_file(tensors, work_dir / weights)
-    _write_json(
-        work_dir / STATE_JSON, {"fingerprint": fingerprint, "completed": completed, "weights": weights}
-    )
-    for stale in work_dir.glob("round-*.safetensors"):
+    save_file(tensors, work.path / weights)
+    work.record(completed=completed, weights=weights)
+    for stale in work.path.glob("round-*.safetensors"):
         if stale.name != weights:
             stale.unlink()
 
 
-def load_round(work_dir: Path, fingerprint: str) -> tuple[int, dict[str, torch.Tensor]] | None:
+def load_round(work: WorkDir) -> tuple[int, dict[str, torch.Tensor]] | None:
     """``(completed rounds, tensors)`` of a previous run of the same job, or ``None``."""
-    path = work_dir / STATE_JSON
-    if not path.is_file():
+    if not work.resumed:
         return None
-    state = json.loads(path.read_text())
-    if state.get("fingerprint") != fingerprint:
-        logger.warning(
-            "ignoring the saved Basis Selection state in %s: it belongs to a different model, config or "
-            "data set; starting from round 0",
-            work_dir,
-        )
-        return None
-    return state["completed"], load_file(work_dir / state["weights"])
+    return work.progress["completed"], load_file(work.path / work.progress["weights"])
 
 
 def restore_round(
@@ -93,9 +72,3 @@ def restore_round(
             layer.coefficient_root.copy_(tensors[f"{name}.coefficient_root"])
         for key, parameter in new_bases.items():
             parameter.copy_(tensors[f"new_bases.{key}"])
-
-
-def _write_json(path: Path, content: dict) -> None:
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(content, indent=2))
-    os.replace(partial, path)
