@@ -43,7 +43,14 @@ from .structure import (
     count_parameters,
     decoder_linear_parameters,
 )
-from .task_data import TaskFormat, TaskSource, describe_task_source, load_task_source, training_examples
+from .task_data import (
+    TaskFormat,
+    TaskSource,
+    describe_task_source,
+    load_task_source,
+    split_pairs,
+    training_examples,
+)
 
 # Healing draws its own windows from the calibration source: more text than calibration needs
 # (15 minutes on this class of CPU sees roughly 100k tokens of a 135M model).
@@ -162,6 +169,7 @@ class LowRankOptimizer(OptimumQuantizer):
         task: str | TaskFormat = "gsm8k",
         text_field: str = "text",
         chat: bool = False,
+        holdout: int = 0,
         overwrite: bool = False,
         work_dir: str | Path | None = None,
         progress: bool = True,
@@ -174,7 +182,8 @@ class LowRankOptimizer(OptimumQuantizer):
         mixed with plain text, which is also the default for models with a chat template (the answers
         are generated once per model and cached). Basis Selection trains on ``train_dataset``, a jsonl
         of prompt/answer records formatted by ``task`` (a preset name or a TaskFormat) or a list of
-        PromptAnswer. A training pass keeps its progress in
+        PromptAnswer; ``holdout`` leaves out the records ``split_pairs(pairs, holdout, seed=config.seed)``
+        holds out, which ``EvaluationOptions(holdout=...)`` then scores. A training pass keeps its progress in
         ``work_dir`` (default: a hidden directory next to ``save_dir``), so rerunning an interrupted
         job continues from its last completed round; the directory is removed once the model is saved.
 
@@ -186,7 +195,7 @@ class LowRankOptimizer(OptimumQuantizer):
                 f"config must be a RomConfig or another LowRankConfig, got {type(config).__name__}"
             )
         job = self._prepare(copy.deepcopy(config), save_dir, overwrite, work_dir, progress)
-        self._load_data(job, calibration, train_dataset, task, text_field, chat)
+        self._load_data(job, calibration, train_dataset, task, text_field, chat, holdout)
         model, plan = self._plan(job)
         spec = job.config.healing()
         teacher = None
@@ -243,11 +252,13 @@ class LowRankOptimizer(OptimumQuantizer):
             config, method, save_dir, overwrite, streamed, progress, work_dir if method.resumable else None
         )
 
-    def _load_data(self, job: _Job, calibration, train_dataset, task, text_field: str, chat: bool) -> None:
+    def _load_data(
+        self, job: _Job, calibration, train_dataset, task, text_field: str, chat: bool, holdout: int
+    ) -> None:
         """What the pass consumes (and the healing stage after it), loaded and checked before any work."""
         config = job.config
         if job.method.data is PassData.TASK:
-            job.data = self._training_examples(config, train_dataset, task, calibration)
+            job.data = self._training_examples(config, train_dataset, task, calibration, holdout)
             config.calibration = describe_task_source(train_dataset, task)
         elif job.method.data is PassData.CALIBRATION:
             source = self._calibration_source(config, calibration, train_dataset, chat)
@@ -376,6 +387,7 @@ class LowRankOptimizer(OptimumQuantizer):
         train_dataset: TaskSource | None,
         task: str | TaskFormat,
         calibration: CalibrationSource | None,
+        holdout: int = 0,
     ) -> list[dict[str, torch.Tensor]]:
         name = type(config).__name__
         if train_dataset is None:
@@ -391,6 +403,8 @@ class LowRankOptimizer(OptimumQuantizer):
                 f"{name} tokenizes its training data: pass tokenizer= to LowRankOptimizer.from_pretrained"
             )
         pairs = load_task_source(train_dataset, task)
+        if holdout:
+            pairs = split_pairs(pairs, holdout, seed=config.seed)[0]
         return training_examples(self.tokenizer, pairs, config.num_samples, config.seq_len, config.seed)
 
     def save(self, save_dir: str | Path, overwrite: bool = False) -> Path:

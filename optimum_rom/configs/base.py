@@ -13,6 +13,8 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .options import default
+
 
 @dataclass(frozen=True)
 class HealingSpec:
@@ -54,11 +56,11 @@ class LowRankConfig(QuantizationConfigMixin):
             absolute path), which the chat evaluation compares the compressed model's answers with.
     """
 
-    params_ratio: float = 0.8
-    target_modules: list[str] | None = None
-    num_samples: int = 128
-    seq_len: int = 128
-    seed: int = 0
+    params_ratio: float = default("params_ratio")
+    target_modules: list[str] | None = default("target_modules")
+    num_samples: int = default("num_samples")
+    seq_len: int = default("seq_len")
+    seed: int = default("seed")
     modules: dict[str, int] = field(default_factory=dict)
     calibration: str | None = None
     source_model: str | None = None

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import HealingSpec, LowRankConfig
+from .options import BASIS_SELECTION_SHAPE, choices, default
 
-BASES = ("activation", "svd")
+BASES = choices("bases")
 _POSITIVE_INTS = (
     "num_rounds",
     "steps_per_round",
@@ -65,19 +66,19 @@ class BasisSelectionConfig(LowRankConfig):
         fine_tune_rank / fine_tune_learning_rate: the LoRA rank and step size of that stage.
     """
 
-    bases: str = "activation"
+    bases: str = default("bases")
     calibration_windows: int = 32
-    num_samples: int = 1024
-    seq_len: int = 256
-    num_rounds: int = 4
-    steps_per_round: int = 5
-    batch_size: int = 4
-    new_rank: int = 8
+    num_samples: int = BASIS_SELECTION_SHAPE["num_samples"]
+    seq_len: int = BASIS_SELECTION_SHAPE["seq_len"]
+    num_rounds: int = default("num_rounds")
+    steps_per_round: int = default("steps_per_round")
+    batch_size: int = default("batch_size")
+    new_rank: int = default("new_rank")
     learning_rate: float = 5e-3
     new_bases_learning_rate: float = 1e-3
     include_lm_head: bool = True
-    gradient_checkpointing: bool = False
-    fine_tune_steps: int = 0
+    gradient_checkpointing: bool = default("gradient_checkpointing")
+    fine_tune_steps: int = default("fine_tune_steps")
     fine_tune_rank: int = 8
     fine_tune_learning_rate: float = 2e-4
     quant_method: str = "basis_selection"

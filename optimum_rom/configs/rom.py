@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import HealingSpec, LowRankConfig
+from .options import choices, default
 
-ALLOCATIONS = ("uniform", "paper", "adaptive")
-TARGETS = ("local", "dense")
+ALLOCATIONS = choices("allocation")
+TARGETS = choices("target")
 # Named settings, measured on SmolLM2-135M (see the README's quality table). "auto" is the best
 # combination without the time budget, which the user chooses (heal_minutes).
 PRESETS: dict[str, dict[str, object]] = {
@@ -50,13 +51,13 @@ class RomConfig(LowRankConfig):
             distillation) instead of the text's next tokens.
     """
 
-    allocation: str = "uniform"
-    num_trailing_blocks: int | None = None
+    allocation: str = default("allocation")
+    num_trailing_blocks: int | None = default("num_trailing_blocks")
     center: bool = True
-    target: str = "local"
-    refine_epochs: int = 0
-    heal_minutes: float = 0.0
-    heal_distill: bool = True
+    target: str = default("target")
+    refine_epochs: int = default("refine_epochs")
+    heal_minutes: float = default("heal_minutes")
+    heal_distill: bool = default("heal_distill")
     quant_method: str = "rom"
 
     def __post_init__(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import LowRankConfig
+from .options import choices, default
 
 
 @dataclass
@@ -19,10 +20,10 @@ class SvdConfig(LowRankConfig):
         allocation / num_trailing_blocks: as in :class:`RomConfig`.
     """
 
-    allocation: str = "uniform"
-    num_trailing_blocks: int | None = None
+    allocation: str = default("allocation")
+    num_trailing_blocks: int | None = default("num_trailing_blocks")
     quant_method: str = "svd"
-    allocations = ("uniform", "paper")  # adaptive allocation measures data; SVD is data-free
+    allocations = tuple(a for a in choices("allocation") if a != "adaptive")  # adaptive measures data
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -290,3 +290,52 @@ def format_table(results: dict[str, dict[str, Any]], summary: dict[str, Any] | N
         label = f"avg of {summary['zero_shot_tasks']}"
         lines.append(f"{'zero-shot':<14}{'acc (' + label + ')':<22}{summary['zero_shot_acc_mean']:>10.4f}")
     return "\n".join(lines)
+
+
+def evaluate_model(
+    source: str | Path,
+    tasks: str | list[str],
+    data_dir: str | Path | None = None,
+    options: EvaluationOptions | None = None,
+    files: dict[str, Path] | None = None,
+) -> dict[str, Any]:
+    """Load the model at ``source`` (a checkpoint, a known model, or an ``optimum-cli rom export``
+    directory, which runs on onnxruntime) and :func:`evaluate` it; returns the whole report (size,
+    settings, results, times), as ``optimum-cli rom evaluate --output-json`` writes it.
+
+    Every missing data file is reported before the model loads.
+    """
+    from ..export import is_onnx_model_dir, load_onnx_model
+    from ..model_sources import load_model
+    from ..structure import count_parameters
+
+    options = options or EvaluationOptions()
+    names = parse_tasks(tasks)
+    task_files(names, data_dir, files)
+    started = time.perf_counter()
+    onnx = is_onnx_model_dir(source)
+    if onnx and set(names) != {"wikitext2"}:
+        raise ValueError(
+            f"ONNX models are evaluated on wikitext2 only (asked for {', '.join(names)}); "
+            "evaluate the PyTorch checkpoint for the other tasks"
+        )
+    model, tokenizer = load_onnx_model(source) if onnx else load_model(source)
+    load_seconds = time.perf_counter() - started
+    results = evaluate(model, tokenizer, names, data_dir, options, files)
+    quantization = getattr(model.config, "quantization_config", None)
+    return {
+        "model": str(source),
+        **({"onnx_bytes": model.path.stat().st_size} if onnx else {"parameters": count_parameters(model)}),
+        "config": {
+            "tasks": names,
+            "data_dir": None if data_dir is None else str(data_dir),
+            "files": {name: str(path) for name, path in (files or {}).items()},
+            **asdict(options),
+            "quantization_config": quantization.to_dict()
+            if hasattr(quantization, "to_dict")
+            else quantization,
+        },
+        **results,
+        "load_seconds": load_seconds,
+        "seconds": time.perf_counter() - started,
+    }

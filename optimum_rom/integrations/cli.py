@@ -11,9 +11,8 @@ import errno
 import json
 import os
 import sys
-import time
 from argparse import Namespace
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 USER_ERRORS = (
@@ -73,22 +72,29 @@ def _resume_hint(args: Namespace) -> str:
 
 
 def compress(args: Namespace) -> None:
+    from ..configs import BasisSelectionConfig, RomConfig, SvdConfig
+    from ..configs.options import BASIS_SELECTION, COMMON, ROM
     from ..optimizer import LowRankOptimizer
+    from ..task_data import resolve_task_format
 
-    common = dict(params_ratio=args.params_ratio, seed=args.seed, target_modules=args.target_modules)
-    common.update(_given(args, "num_samples", "seq_len"))
+    common = _given(args, *(o.field for o in COMMON))
     if args.method == "basis-selection":
-        config, data = _basis_selection_job(args, common)
+        if args.task_data is None:
+            raise ValueError(
+                "--method basis-selection trains on the target application: give --task-data PATH "
+                "(a jsonl of prompt/answer records, e.g. GSM8K's train.jsonl)"
+            )
+        if args.calibration is not None:
+            raise ValueError("--calibration is for --method rom; basis-selection takes --task-data")
+        config = BasisSelectionConfig(**common, **_given(args, *(o.field for o in BASIS_SELECTION)))
+        task = resolve_task_format(args.task, args.prompt_field, args.answer_field)
+        data = {"train_dataset": args.task_data, "task": task, "holdout": args.holdout}
         description = "basis-selection"
     else:
-        from ..configs import RomConfig, SvdConfig
-
-        placement = _given(args, "allocation", "num_trailing_blocks")
         if args.method == "svd":
-            config = SvdConfig(**placement, **common)
+            config = SvdConfig(**common, **_given(args, "allocation", "num_trailing_blocks"))
         else:
-            rom_options = _given(args, "target", "refine_epochs", "heal_minutes", "heal_distill")
-            config = RomConfig.from_preset(args.preset, **placement, **rom_options, **common)
+            config = RomConfig.from_preset(args.preset, **common, **_given(args, *(o.field for o in ROM)))
         description = f"{args.method} ({config.allocation})"
     optimizer = LowRankOptimizer.from_pretrained(args.model)
     if args.method != "basis-selection":
@@ -100,36 +106,6 @@ def compress(args: Namespace) -> None:
         f"{report.params_after:,} parameters ({report.ratio:.3f}), {report.factorized_modules} linears factorized, "
         f"{report.seconds:.1f} s; saved to {args.output}"
     )
-
-
-def _basis_selection_job(args: Namespace, common: dict) -> tuple:
-    """The config and the training pairs of ``--method basis-selection`` (checked before the model loads)."""
-    from ..configs import BasisSelectionConfig
-    from ..task_data import load_pairs, resolve_task_format, split_pairs
-
-    if args.task_data is None:
-        raise ValueError(
-            "--method basis-selection trains on the target application: give --task-data PATH "
-            "(a jsonl of prompt/answer records, e.g. GSM8K's train.jsonl)"
-        )
-    if args.calibration is not None:
-        raise ValueError("--calibration is for --method rom; basis-selection takes --task-data")
-    options = _given(
-        args,
-        "bases",
-        "num_rounds",
-        "steps_per_round",
-        "batch_size",
-        "new_rank",
-        "fine_tune_steps",
-        "gradient_checkpointing",
-    )
-    config = BasisSelectionConfig(**common, **options)
-    task = resolve_task_format(args.task, args.prompt_field, args.answer_field)
-    pairs = load_pairs(args.task_data, task)
-    if args.holdout:
-        pairs = split_pairs(pairs, args.holdout, seed=args.seed)[0]
-    return config, {"train_dataset": pairs}
 
 
 def _calibration(args: Namespace, tokenizer):
@@ -161,11 +137,7 @@ def _given(args: Namespace, *names: str) -> dict:
 
 
 def evaluate(args: Namespace) -> None:
-    from ..evaluation.suite import EvaluationOptions, format_table, parse_tasks, task_files
-    from ..evaluation.suite import evaluate as run_tasks
-    from ..export import is_onnx_model_dir, load_onnx_model
-    from ..model_sources import load_model
-    from ..structure import count_parameters
+    from ..evaluation.suite import EvaluationOptions, evaluate_model, format_table, parse_tasks
 
     tasks = parse_tasks(args.task)
     files = {"wiki.test.raw": Path(args.data)} if args.data else {}
@@ -173,7 +145,6 @@ def evaluate(args: Namespace) -> None:
         raise FileNotFoundError(f"--data file not found: {args.data}")
     if args.task_data:
         files.update(task_data_override(tasks, args.task_data))
-    task_files(tasks, args.data_dir, files)  # every missing file is reported before the model loads
     options = EvaluationOptions(
         limit=args.limit,
         seq_len=args.seq_len,
@@ -185,35 +156,9 @@ def evaluate(args: Namespace) -> None:
         holdout_seed=args.seed,
         reference=args.reference,
     )
-    started = time.perf_counter()
-    onnx = is_onnx_model_dir(args.model)  # an `optimum-cli rom export` directory runs on onnxruntime
-    if onnx and set(tasks) != {"wikitext2"}:
-        raise ValueError(
-            f"ONNX models are evaluated on wikitext2 only (asked for {', '.join(tasks)}); "
-            "evaluate the PyTorch checkpoint for the other tasks"
-        )
-    model, tokenizer = load_onnx_model(args.model) if onnx else load_model(args.model)
-    load_seconds = time.perf_counter() - started
-    results = run_tasks(model, tokenizer, tasks, args.data_dir, options, files)
-    quantization = getattr(model.config, "quantization_config", None)
-    report = {
-        "model": str(args.model),
-        **({"onnx_bytes": model.path.stat().st_size} if onnx else {"parameters": count_parameters(model)}),
-        "config": {
-            "tasks": tasks,
-            "data_dir": args.data_dir,
-            "data": args.data,
-            **asdict(options),
-            "quantization_config": quantization.to_dict()
-            if hasattr(quantization, "to_dict")
-            else quantization,
-        },
-        **results,
-        "load_seconds": load_seconds,
-        "seconds": time.perf_counter() - started,
-    }
-    print(format_table(results["tasks"], results["summary"]))
-    for sample in results["tasks"].get("chat", {}).get("samples", []):
+    report = evaluate_model(args.model, tasks, args.data_dir, options, files)
+    print(format_table(report["tasks"], report["summary"]))
+    for sample in report["tasks"].get("chat", {}).get("samples", []):
         print(f"\n> {sample['prompt']}\ndense: {sample['dense']}\nmodel: {sample['model']}")
     if args.output_json:
         from ..checkpoint import write_text_atomically

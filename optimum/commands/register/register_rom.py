@@ -7,11 +7,47 @@ For ``optimum-cli export ...`` it loads the plugin first, so factorized checkpoi
 with their factorized weights.
 """
 
+import importlib.util
 import sys
 import warnings
+from pathlib import Path
 
 try:
     from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
+
+    def load_options():
+        """``optimum_rom.configs.options``, loaded by file: importing it as a module would run the
+        package's ``__init__``, which imports torch (seconds added to every optimum-cli call)."""
+        spec = importlib.util.find_spec("optimum_rom")  # a top-level spec: nothing is imported
+        path = Path(spec.submodule_search_locations[0]) / "configs" / "options.py"
+        module_spec = importlib.util.spec_from_file_location("optimum_rom_cli_options", path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_spec.name] = module  # its dataclass looks its module up there
+        module_spec.loader.exec_module(module)
+        return module
+
+    OPTIONS = load_options()
+
+    def add_config_options(parser, options) -> None:
+        """One flag per config option; an option left out keeps the config's (or the preset's) value."""
+        for option in options:
+            if isinstance(option.default, bool):
+                action = "store_false" if option.default else "store_true"
+                parser.add_argument(
+                    option.flag, dest=option.field, action=action, default=None, help=option.help
+                )
+                continue
+            kind = option.type or (str if option.default is None else type(option.default))
+            shown = "" if option.default is None else f" (default {option.default})"
+            parser.add_argument(
+                option.flag,
+                dest=option.field,
+                type=kind,
+                default=None,
+                choices=option.choices,
+                nargs="+" if option.many else None,
+                help=option.help + (shown if option.field not in ("num_samples", "seq_len") else ""),
+            )
 
     class _RomLeafCommand(BaseOptimumCLICommand):
         def run(self):
@@ -38,52 +74,13 @@ try:
                 "application's prompt/answer data (--task-data)",
             )
             parser.add_argument(
-                "--params-ratio",
-                type=float,
-                default=0.8,
-                help="fraction of parameters kept (0.8 removes 20%%)",
-            )
-            parser.add_argument(
                 "--preset",
                 default="uniform",
                 choices=["auto", "paper", "uniform"],
                 help="rom: auto = adaptive allocation + 2 epochs of block refinement (the best measured; "
                 "add --heal-minutes for healing); paper / uniform = the paper's allocations (default uniform)",
             )
-            parser.add_argument(
-                "--allocation",
-                default=None,
-                choices=["uniform", "paper", "adaptive"],
-                help="overrides the preset's: adaptive spends the budget where measured damage is smallest",
-            )
-            parser.add_argument(
-                "--target",
-                default=None,
-                choices=["local", "dense"],
-                help="rom: fit each layer to its own outputs (local, the paper) or the dense model's (dense)",
-            )
-            parser.add_argument(
-                "--refine-epochs", type=int, default=None, help="rom: epochs of block-output refinement"
-            )
-            parser.add_argument(
-                "--heal-minutes",
-                type=float,
-                default=None,
-                help="rom: LoRA fine-tune for this many minutes after compressing, merged (0 = off)",
-            )
-            parser.add_argument(
-                "--no-heal-distill",
-                dest="heal_distill",
-                action="store_false",
-                default=None,
-                help="heal on the text's next tokens instead of the dense model's distribution",
-            )
-            parser.add_argument(
-                "--num-trailing-blocks",
-                type=int,
-                default=None,
-                help="blocks compressed by --allocation paper",
-            )
+            add_config_options(parser, OPTIONS.COMMON + OPTIONS.ROM)
             parser.add_argument(
                 "--calibration",
                 default=None,
@@ -124,25 +121,6 @@ try:
                 "--text-field", default="text", help="jsonl field(s) to read, e.g. question,answer"
             )
             parser.add_argument(
-                "--num-samples",
-                type=int,
-                default=None,
-                help="calibration sequences (rom, default 128) or training examples (basis-selection, default 1024)",
-            )
-            parser.add_argument(
-                "--seq-len",
-                type=int,
-                default=None,
-                help="tokens per calibration sequence (rom, default 128) or per prompt+answer (basis-selection, default 256)",
-            )
-            parser.add_argument("--seed", type=int, default=0)
-            parser.add_argument(
-                "--target-modules",
-                nargs="+",
-                default=None,
-                help="linear names to factorize (default: all in blocks)",
-            )
-            parser.add_argument(
                 "--overwrite", action="store_true", help="replace an existing output directory"
             )
             basis = parser.add_argument_group("basis-selection")
@@ -163,30 +141,7 @@ try:
                 default=0,
                 help="leave out this many records (seeded split_pairs, e.g. 500 for evaluation)",
             )
-            basis.add_argument(
-                "--bases",
-                default=None,
-                choices=["activation", "svd"],
-                help="activation: SVD in the metric of the task's activations (default); svd: of the weights",
-            )
-            basis.add_argument("--num-rounds", type=int, default=None, help="pruning rounds (default 4)")
-            basis.add_argument(
-                "--steps-per-round", type=int, default=None, help="training steps per round (default 5)"
-            )
-            basis.add_argument("--batch-size", type=int, default=None, help="examples per step (default 4)")
-            basis.add_argument("--new-rank", type=int, default=None, help="new bases per matrix (default 8)")
-            basis.add_argument(
-                "--fine-tune-steps",
-                type=int,
-                default=None,
-                help="LoRA fine-tune steps after merging (default 0)",
-            )
-            basis.add_argument(
-                "--gradient-checkpointing",
-                action="store_true",
-                default=None,
-                help="less training memory, more time",
-            )
+            add_config_options(basis, OPTIONS.BASIS_SELECTION)
 
     class RomEvaluateCommand(_RomLeafCommand):
         @staticmethod

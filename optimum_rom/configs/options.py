@@ -1,0 +1,102 @@
+"""The config options a user can set from the command line, declared once: default, choices, help.
+
+The config classes take their defaults and choices from here, and ``optimum-cli rom compress``
+builds its flags from here (a flag left out keeps the config's or the preset's value). This
+module imports nothing: optimum-cli loads it at every start-up, by file, without importing the
+package (which would import torch into every ``optimum-cli`` call).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Option:
+    """One config field as a command-line flag (``--field-name``; a ``True`` boolean becomes ``--no-...``)."""
+
+    field: str
+    default: object
+    help: str
+    choices: tuple | None = None
+    type: type | None = None  # None: taken from the default (str for a None default)
+    many: bool = False  # a list of values (nargs="+")
+
+    @property
+    def flag(self) -> str:
+        name = self.field.replace("_", "-")
+        return f"--no-{name}" if self.default is True else f"--{name}"
+
+
+# Basis Selection trains on whole prompt/answer examples, so its shape defaults differ from ROM's windows.
+BASIS_SELECTION_SHAPE = {"num_samples": 1024, "seq_len": 256}
+
+COMMON = (
+    Option("params_ratio", 0.8, "fraction of parameters kept, embeddings included (0.8 removes 20%%)"),
+    Option(
+        "num_samples",
+        128,
+        "calibration windows (rom, default 128) or training examples (basis-selection, default "
+        f"{BASIS_SELECTION_SHAPE['num_samples']})",
+    ),
+    Option(
+        "seq_len",
+        128,
+        "tokens per calibration window (rom, default 128) or per prompt + answer (basis-selection, default "
+        f"{BASIS_SELECTION_SHAPE['seq_len']})",
+    ),
+    Option("seed", 0, "seeds the calibration sampling (and --holdout's split)"),
+    Option(
+        "target_modules", None, "linear names to factorize (default: every linear in the blocks)", many=True
+    ),
+)
+ROM = (
+    Option(
+        "allocation",
+        "uniform",
+        "rom: where the budget goes (overrides the preset's): uniform per block, paper = trailing blocks only, "
+        "adaptive = where measured damage is smallest",
+        choices=("uniform", "paper", "adaptive"),
+    ),
+    Option("num_trailing_blocks", None, "rom: blocks compressed by --allocation paper", type=int),
+    Option(
+        "target",
+        "local",
+        "rom: fit each linear to its own outputs (local, the paper) or to the dense model's (dense)",
+        choices=("local", "dense"),
+    ),
+    Option("refine_epochs", 0, "rom: epochs of block-output refinement after each block's fits"),
+    Option(
+        "heal_minutes", 0.0, "rom: LoRA fine-tune for this many minutes after compressing, merged (0 = off)"
+    ),
+    Option(
+        "heal_distill",
+        True,
+        "rom: heal on the data's own next tokens instead of the dense model's distribution",
+    ),
+)
+BASIS_SELECTION = (
+    Option(
+        "bases",
+        "activation",
+        "basis-selection: activation = SVD in the metric of the task's activations; svd = of the weights",
+        choices=("activation", "svd"),
+    ),
+    Option("num_rounds", 4, "basis-selection: pruning rounds"),
+    Option("steps_per_round", 5, "basis-selection: training steps per round"),
+    Option("batch_size", 4, "basis-selection: examples per step"),
+    Option("new_rank", 8, "basis-selection: new bases per matrix"),
+    Option(
+        "fine_tune_steps", 0, "basis-selection: LoRA fine-tune steps on the factors after merging (0 = off)"
+    ),
+    Option("gradient_checkpointing", False, "basis-selection: less training memory, more time"),
+)
+_BY_FIELD = {option.field: option for option in (*COMMON, *ROM, *BASIS_SELECTION)}
+
+
+def default(field: str) -> object:
+    return _BY_FIELD[field].default
+
+
+def choices(field: str) -> tuple:
+    return _BY_FIELD[field].choices
