@@ -108,3 +108,19 @@ def model_dir(tmp_path, tokenizer):
         return directory
 
     return make
+
+
+@pytest.fixture
+def compressed_dir(model_dir, calibration_file, tmp_path):
+    """Compress a tiny model with ROM and save it; returns a factory ``(arch, name, **config) -> directory``
+    (every linear of every block factorized at the default ratio 0.8)."""
+    from optimum_rom import LowRankOptimizer, RomConfig
+
+    def make(arch: str = "llama", name: str | None = None, **config) -> Path:
+        directory = tmp_path / (name or f"rom-{arch}")
+        config = RomConfig(**{"params_ratio": 0.8, "num_samples": 8, "seq_len": 32, **config})
+        optimizer = LowRankOptimizer.from_pretrained(model_dir(arch))
+        optimizer.compress(config, calibration=calibration_file, save_dir=directory, progress=False)
+        return directory
+
+    return make

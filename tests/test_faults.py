@@ -96,21 +96,6 @@ def assert_refused(result: Result, *phrases: str) -> None:
         assert phrase in result.message
 
 
-@pytest.fixture
-def checkpoint_dir(model_dir, calibration_file, tmp_path):
-    """A compressed tiny Llama (every linear of its 3 blocks factorized)."""
-    from optimum_rom import LowRankOptimizer, RomConfig
-
-    path = tmp_path / "rom"
-    LowRankOptimizer.from_pretrained(model_dir("llama")).compress(
-        RomConfig(params_ratio=0.8, num_samples=4, seq_len=16),
-        calibration=calibration_file,
-        save_dir=path,
-        progress=False,
-    )
-    return path
-
-
 # -- never destroy what the user has -------------------------------------------------------------
 
 
@@ -132,14 +117,15 @@ def test_an_output_that_is_contains_or_is_inside_the_input_is_refused(where, com
 
 @pytest.mark.parametrize("command", ["compress", "export"])
 def test_overwrite_never_replaces_a_directory_of_user_files(
-    command, rom, compress, model_dir, checkpoint_dir, tmp_path
+    command, rom, compress, model_dir, compressed_dir, tmp_path
 ):
+    checkpoint = compressed_dir()
     output = user_files(tmp_path / "out")
     before = snapshot(tmp_path)
     if command == "compress":
         result = compress(model_dir("llama"), output, "--overwrite")
     else:
-        result = rom("export", "--model", checkpoint_dir, "--output", output, "--overwrite")
+        result = rom("export", "--model", checkpoint, "--output", output, "--overwrite")
     assert_refused(result, "is not an optimum-rom output", "notes.txt")
     assert snapshot(tmp_path) == before and not hidden_leftovers(tmp_path)
 
@@ -180,20 +166,22 @@ def edit_modules(directory: Path, name: str, rank: int | None) -> None:
     (directory / "config.json").write_text(json.dumps(config))
 
 
-def test_factors_the_config_does_not_list_refuse_to_load(checkpoint_dir):
-    edit_modules(checkpoint_dir, "model.layers.0.self_attn.q_proj", None)
+def test_factors_the_config_does_not_list_refuse_to_load(compressed_dir):
+    checkpoint = compressed_dir()
+    edit_modules(checkpoint, "model.layers.0.self_attn.q_proj", None)
     with pytest.raises(ValueError, match="do not belong together") as refused:
-        AutoModelForCausalLM.from_pretrained(checkpoint_dir)
+        AutoModelForCausalLM.from_pretrained(checkpoint)
     assert "model.layers.0.self_attn.q_proj" in str(refused.value)
 
 
 @pytest.mark.parametrize(("rank", "says"), [(None, "no factors"), (7, "rank 7")])
 def test_evaluate_refuses_a_config_that_disagrees_with_the_weights(
-    rank, says, rom, checkpoint_dir, calibration_file
+    rank, says, rom, compressed_dir, calibration_file
 ):
-    edit_modules(checkpoint_dir, "model.layers.0.self_attn.q_proj", rank)
+    checkpoint = compressed_dir()
+    edit_modules(checkpoint, "model.layers.0.self_attn.q_proj", rank)
     result = rom(
-        "evaluate", "--model", checkpoint_dir, "--data", calibration_file, "--seq-len", 32, "--max-windows", 1
+        "evaluate", "--model", checkpoint, "--data", calibration_file, "--seq-len", 32, "--max-windows", 1
     )
     assert_refused(result, "config.json and the weights disagree on model.layers.0.self_attn.q_proj", says)
 
@@ -225,14 +213,15 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-def test_a_truncated_model_file_is_named(compress, rom, model_dir, checkpoint_dir, tmp_path):
+def test_a_truncated_model_file_is_named(compress, rom, model_dir, compressed_dir, tmp_path):
+    checkpoint = compressed_dir()
     dense = model_dir("llama")
     truncate(dense / "model.safetensors")
-    truncate(checkpoint_dir / "model.safetensors")
+    truncate(checkpoint / "model.safetensors")
     before = snapshot(tmp_path)
     assert_refused(compress(dense, tmp_path / "out"), "model.safetensors is truncated or corrupted")
     assert_refused(
-        rom("export", "--model", checkpoint_dir, "--output", tmp_path / "onnx"), "truncated or corrupted"
+        rom("export", "--model", checkpoint, "--output", tmp_path / "onnx"), "truncated or corrupted"
     )
     assert snapshot(tmp_path) == before and not hidden_leftovers(tmp_path)
 

@@ -14,7 +14,7 @@ from optimum.onnxruntime import ORTModelForCausalLM
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from optimum_rom import LowRankOptimizer, RomConfig, export_onnx
+from optimum_rom import export_onnx
 from optimum_rom.checkpoint_format import factorized_ranks
 from optimum_rom.evaluation import text_perplexity
 from optimum_rom.export import UnsupportedArchitectureError, linear_weights, verify_factorized
@@ -23,21 +23,6 @@ from .conftest import ARCHITECTURES, tiny_config
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 OPTIMUM_CLI = str(Path(sys.executable).parent / "optimum-cli")
-
-
-@pytest.fixture
-def compressed_dir(model_dir, calibration_file, tmp_path):
-    """A factorized checkpoint of a tiny model (every linear of every block factorized)."""
-
-    def make(arch: str = "llama") -> Path:
-        optimizer = LowRankOptimizer.from_pretrained(model_dir(arch))
-        config = RomConfig(params_ratio=0.8, num_samples=8, seq_len=32)
-        optimizer.compress(
-            config, calibration=calibration_file, save_dir=tmp_path / f"rom-{arch}", progress=False
-        )
-        return tmp_path / f"rom-{arch}"
-
-    return make
 
 
 def float_parameters(onnx_file: Path) -> int:

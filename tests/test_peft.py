@@ -4,14 +4,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from optimum_rom import FactorizedLinear, LoraFactorizedLinear, LowRankOptimizer, RomConfig
-
-
-def compressed_checkpoint(model_dir, calibration_file, directory):
-    optimizer = LowRankOptimizer.from_pretrained(model_dir("llama"))
-    config = RomConfig(params_ratio=0.8, num_samples=8, seq_len=32)
-    optimizer.compress(config, calibration=calibration_file, save_dir=directory, progress=False)
-    return directory
+from optimum_rom import FactorizedLinear, LoraFactorizedLinear
 
 
 def train_a_few_steps(model, ids, steps=8):
@@ -28,8 +21,8 @@ def train_a_few_steps(model, ids, steps=8):
     return losses
 
 
-def test_lora_with_dense_names_trains_saves_reloads_and_merges(model_dir, calibration_file, tmp_path):
-    checkpoint = compressed_checkpoint(model_dir, calibration_file, tmp_path / "rom")
+def test_lora_with_dense_names_trains_saves_reloads_and_merges(compressed_dir, tmp_path):
+    checkpoint = compressed_dir("llama")
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     rank_before = model.model.layers[0].self_attn.q_proj.rank
 
@@ -56,10 +49,8 @@ def test_lora_with_dense_names_trains_saves_reloads_and_merges(model_dir, calibr
     torch.testing.assert_close(reloaded(ids).logits, adapted_logits, atol=1e-4, rtol=1e-4)
 
 
-def test_unmerge_restores_the_factors(model_dir, calibration_file, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(
-        compressed_checkpoint(model_dir, calibration_file, tmp_path / "rom")
-    )
+def test_unmerge_restores_the_factors(compressed_dir):
+    model = AutoModelForCausalLM.from_pretrained(compressed_dir("llama"))
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False))
     layer = peft_model.base_model.model.model.layers[1].self_attn.o_proj
     down_before = layer.base_layer.down.weight.detach().clone()
@@ -69,10 +60,8 @@ def test_unmerge_restores_the_factors(model_dir, calibration_file, tmp_path):
     torch.testing.assert_close(layer.base_layer.down.weight, down_before)
 
 
-def test_lora_on_the_factors_keeps_the_size(model_dir, calibration_file, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(
-        compressed_checkpoint(model_dir, calibration_file, tmp_path / "rom")
-    )
+def test_lora_on_the_factors_keeps_the_size(compressed_dir):
+    model = AutoModelForCausalLM.from_pretrained(compressed_dir("llama"))
     parameters = model.num_parameters()
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["down_proj.down", "down_proj.up"]))
     ids = torch.randint(0, 500, (2, 16))

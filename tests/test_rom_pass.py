@@ -90,7 +90,7 @@ def test_compressing_a_model_reaches_the_target_and_keeps_it_working(
     config = RomConfig(params_ratio=0.8, allocation=allocation, num_samples=16, seq_len=32)
     compressed = optimizer.compress(config, calibration=calibration_file, progress=False)
 
-    assert count_parameters(compressed) == optimizer.report.params_after
+    assert sum(p.numel() for p in compressed.parameters()) == optimizer.report.params_after  # tied: once
     assert optimizer.report.ratio == pytest.approx(0.8, rel=0.01)
     assert count_parameters(compressed) <= 0.8 * dense_params
     factorized = [m for m in compressed.modules() if isinstance(m, FactorizedLinear)]

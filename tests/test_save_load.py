@@ -12,15 +12,13 @@ from optimum_rom.checkpoint_format import FORMAT_TAG
 from .conftest import ARCHITECTURES
 
 
-def compress_to(directory, model_dir, arch, calibration_file, **config):
-    optimizer = LowRankOptimizer.from_pretrained(model_dir(arch))
-    config = RomConfig(num_samples=8, seq_len=32, **{"params_ratio": 0.8, **config})
-    return optimizer.compress(config, calibration=calibration_file, save_dir=directory, progress=False)
-
-
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_automodel_reloads_exactly_the_saved_factorized_model(arch, model_dir, calibration_file, tmp_path):
-    compressed = compress_to(tmp_path / "rom", model_dir, arch, calibration_file)
+    optimizer = LowRankOptimizer.from_pretrained(model_dir(arch))
+    config = RomConfig(params_ratio=0.8, num_samples=8, seq_len=32)
+    compressed = optimizer.compress(
+        config, calibration=calibration_file, save_dir=tmp_path / "rom", progress=False
+    )
     ids = torch.randint(0, 500, (2, 20))
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "rom")
@@ -30,41 +28,41 @@ def test_automodel_reloads_exactly_the_saved_factorized_model(arch, model_dir, c
     torch.testing.assert_close(reloaded(ids).logits, compressed(ids).logits, rtol=0, atol=0)
 
 
-def test_checkpoint_holds_only_factorized_weights_and_the_config(model_dir, calibration_file, tmp_path):
-    compress_to(tmp_path / "rom", model_dir, "llama", calibration_file)
-    files = {p.name for p in (tmp_path / "rom").iterdir()}
+def test_checkpoint_holds_only_factorized_weights_and_the_config(compressed_dir):
+    checkpoint = compressed_dir("llama")
+    files = {p.name for p in checkpoint.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
-    config = json.loads((tmp_path / "rom" / "config.json").read_text())["quantization_config"]
+    config = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "rom" and config["params_ratio"] == 0.8
     assert RomConfig.from_dict(config).modules == config["modules"]
-    with safe_open(tmp_path / "rom" / "model.safetensors", "pt") as weights:
+    with safe_open(checkpoint / "model.safetensors", "pt") as weights:
         keys = set(weights.keys())
         assert weights.metadata()["format"] == FORMAT_TAG
     assert "model.layers.0.mlp.down_proj.down.weight" in keys
     assert "model.layers.0.mlp.down_proj.weight" not in keys
 
 
-def test_resaving_a_loaded_model_round_trips(model_dir, calibration_file, tmp_path):
-    compress_to(tmp_path / "rom", model_dir, "qwen2", calibration_file)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "rom")
+def test_resaving_a_loaded_model_round_trips(compressed_dir, tmp_path):
+    checkpoint = compressed_dir("qwen2")
+    loaded = AutoModelForCausalLM.from_pretrained(checkpoint)
     loaded.save_pretrained(tmp_path / "again")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
     ids = torch.randint(0, 500, (1, 12))
     torch.testing.assert_close(again(ids).logits, loaded(ids).logits, rtol=0, atol=0)
 
 
-def test_a_failed_compression_leaves_no_output_directory(model_dir, calibration_file, tmp_path):
+def test_a_failed_compression_leaves_no_output_directory(compressed_dir, tmp_path):
     with pytest.raises(ValueError, match="out of reach"):
-        compress_to(tmp_path / "out", model_dir, "llama", calibration_file, params_ratio=0.01)
+        compressed_dir("llama", "out", params_ratio=0.01)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
-def test_an_existing_output_directory_is_not_overwritten_by_default(model_dir, calibration_file, tmp_path):
+def test_an_existing_output_directory_is_not_overwritten_by_default(compressed_dir, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("user data")
     with pytest.raises(FileExistsError, match="overwrite"):
-        compress_to(tmp_path / "out", model_dir, "llama", calibration_file)
+        compressed_dir("llama", "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "user data"
 
 
@@ -73,20 +71,20 @@ def test_compressing_while_loading_is_refused_with_a_pointer_to_the_optimizer(mo
         AutoModelForCausalLM.from_pretrained(model_dir("llama"), quantization_config=RomConfig())
 
 
-def test_a_checkpoint_missing_factors_does_not_load(model_dir, calibration_file, tmp_path):
-    compress_to(tmp_path / "rom", model_dir, "llama", calibration_file)
-    weights = load_file(tmp_path / "rom" / "model.safetensors")
-    with safe_open(tmp_path / "rom" / "model.safetensors", "pt") as handle:
+def test_a_checkpoint_missing_factors_does_not_load(compressed_dir):
+    checkpoint = compressed_dir("llama")
+    weights = load_file(checkpoint / "model.safetensors")
+    with safe_open(checkpoint / "model.safetensors", "pt") as handle:
         metadata = handle.metadata()
     del weights["model.layers.2.mlp.up_proj.down.weight"]
-    save_file(weights, tmp_path / "rom" / "model.safetensors", metadata=metadata)
+    save_file(weights, checkpoint / "model.safetensors", metadata=metadata)
     with pytest.raises(ValueError, match="incomplete or corrupted.*model.layers.2.mlp.up_proj.down.weight"):
-        AutoModelForCausalLM.from_pretrained(tmp_path / "rom")
+        AutoModelForCausalLM.from_pretrained(checkpoint)
 
 
-def test_a_truncated_checkpoint_fails_loudly(model_dir, calibration_file, tmp_path):
-    compress_to(tmp_path / "rom", model_dir, "llama", calibration_file)
-    path = tmp_path / "rom" / "model.safetensors"
+def test_a_truncated_checkpoint_fails_loudly(compressed_dir):
+    checkpoint = compressed_dir("llama")
+    path = checkpoint / "model.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(Exception, match="(?i)safetensors|incomplete|deserializ"):
-        AutoModelForCausalLM.from_pretrained(tmp_path / "rom")
+        AutoModelForCausalLM.from_pretrained(checkpoint)
