@@ -6,7 +6,7 @@ import copy
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -341,7 +341,13 @@ class LowRankOptimizer(OptimumQuantizer):
             raise ValueError(
                 "text calibration needs a tokenizer: pass tokenizer= to LowRankOptimizer.from_pretrained"
             )
-        return as_chat_calibration(calibration, chat) or calibration
+        source = as_chat_calibration(calibration, chat) or calibration
+        if isinstance(source, ChatCalibration) and source.conversations is None:
+            # a window starts at a conversation's start and cuts it at its end: answer tokens past the
+            # longest window (calibration or healing) would be generated and never read
+            longest = max(config.seq_len, HEAL_SEQ_LEN if config.healing() is not None else 0)
+            source = replace(source, max_new_tokens=min(source.max_new_tokens, longest))
+        return source
 
     def _calibration_data(
         self,

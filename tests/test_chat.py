@@ -90,6 +90,7 @@ def test_a_chat_model_is_self_calibrated_by_default(chat_tokenizer, model_dir, t
 
     saved = json.loads((tmp_path / "rom" / "config.json").read_text())["quantization_config"]
     assert saved["calibration"].startswith("self-generated answers to bundled prompts")
+    assert "up to 64 tokens" in saved["calibration"]  # not 256: no window reads further into an answer
     assert saved["source_model"] == str(model_dir("llama").resolve())
     assert optimizer.report.ratio == pytest.approx(0.8, rel=0.01)
     assert model.num_parameters() == AutoModelForCausalLM.from_pretrained(tmp_path / "rom").num_parameters()
