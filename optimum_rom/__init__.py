@@ -4,6 +4,7 @@ Importing the package registers it with transformers (``AutoModelForCausalLM.fro
 loads factorized checkpoints) and with PEFT (LoRA on factorized layers).
 """
 
+from .calibration import ChatCalibration
 from .configs import BasisSelectionConfig, LowRankConfig, RomConfig, SvdConfig
 from .export import export_onnx
 from .integrations.peft import LoraFactorizedLinear, install_peft_dispatch
@@ -20,6 +21,7 @@ install_peft_dispatch((FactorizedLinear, BasisLinear))  # the layers LoRA may ta
 
 __all__ = [
     "BasisSelectionConfig",
+    "ChatCalibration",
     "CompressionReport",
     "FactorizedLinear",
     "LoraFactorizedLinear",

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .generation import generate_tokens
 from .jsonl import read_jsonl
@@ -172,7 +172,8 @@ def cached_answers(
 
     The cache holds one file per model and settings, one line per answered prompt (keyed by the
     prompt as the template renders it), so a run that needs more prompts than an earlier one
-    answers only the new ones.
+    answers only the new ones. Lines are appended batch by batch: an interrupted generation keeps
+    the answers it finished (a torn last line is ignored and answered again).
     """
     from .model_sources import cache_root
 
@@ -180,33 +181,50 @@ def cached_answers(
     path = cache_root() / "answers" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.jsonl"
     asked = [prompt_ids(tokenizer, prompt) for prompt in prompts]
     keys = [hashlib.sha256(json.dumps(ids).encode()).hexdigest() for ids in asked]
-    cache: dict[str, list[int]] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            cache[record["prompt"]] = record["answer"]
-    missing = [i for i, k in enumerate(keys) if k not in cache]
+    cache = _read_cache(path)
+    missing = sorted(
+        {k: i for i, k in enumerate(keys) if k not in cache}.values(), key=lambda i: len(asked[i])
+    )
     if missing:
-        replies = generate_tokens(
-            answerer.model,
-            tokenizer,
-            [asked[i] for i in missing],
-            settings.max_new_tokens,
-            settings.batch_size,
-            sample=settings.sample,
-            seed=settings.seed,
-            desc=desc,
-            progress=progress,
-        )
-        cache.update({keys[i]: reply for i, reply in zip(missing, replies, strict=True)})
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        partial.write_text("".join(json.dumps({"prompt": k, "answer": a}) + "\n" for k, a in cache.items()))
-        os.replace(partial, path)
+        chunks = [
+            missing[start : start + settings.batch_size]
+            for start in range(0, len(missing), settings.batch_size)
+        ]
+        for number, chunk in enumerate(tqdm(chunks, desc=desc, unit="batch", disable=not progress)):
+            replies = generate_tokens(
+                answerer.model,
+                tokenizer,
+                [asked[i] for i in chunk],
+                settings.max_new_tokens,
+                settings.batch_size,
+                sample=settings.sample,
+                seed=settings.seed * 7919 + number,  # each batch its own draw when sampling
+                progress=False,
+            )
+            lines = "".join(
+                json.dumps({"prompt": keys[i], "answer": r}) + "\n"
+                for i, r in zip(chunk, replies, strict=True)
+            )
+            with path.open("a") as cache_file:  # one write per batch, appended whole
+                cache_file.write(lines)
+            cache.update({keys[i]: reply for i, reply in zip(chunk, replies, strict=True)})
     return [
         RenderedConversation(question + cache[k], [False] * len(question) + [True] * len(cache[k]))
         for question, k in zip(asked, keys, strict=True)
     ]
+
+
+def _read_cache(path: Path) -> dict[str, list[int]]:
+    cache: dict[str, list[int]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the torn end of an interrupted write
+                continue
+            cache[record["prompt"]] = record["answer"]
+    return cache
 
 
 def weights_identity(model) -> str:

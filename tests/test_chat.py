@@ -83,6 +83,28 @@ def test_self_calibration_answers_once_then_reads_the_cache(chat_tokenizer):
     assert len(loads) == 1 and data.input_ids.shape == (4, 24)
 
 
+def test_an_interrupted_generation_keeps_the_answers_it_finished(chat_tokenizer, monkeypatch):
+    from optimum_rom import chat
+
+    model = tiny_model("llama")
+    dense = Answerer(weights_identity(model), lambda: model)
+    settings = AnswerSettings(max_new_tokens=4, batch_size=4)  # 12 prompts: 3 batches
+    generate, batches = chat.generate_tokens, []
+
+    def generate_until_the_third_batch(model, tokenizer, prompts, *args, **kwargs):
+        batches.append(len(prompts))
+        if len(batches) == 3:
+            raise KeyboardInterrupt
+        return generate(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(chat, "generate_tokens", generate_until_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        cached_answers(dense, chat_tokenizer, PROMPTS, settings, progress=False)
+    batches.clear()
+    answers = cached_answers(dense, chat_tokenizer, PROMPTS, settings, progress=False)
+    assert batches == [4] and len(answers) == 12  # only the interrupted batch is generated again
+
+
 def test_a_chat_model_is_self_calibrated_by_default(chat_tokenizer, model_dir, tmp_path):
     optimizer = LowRankOptimizer.from_pretrained(model_dir("llama", with_tokenizer=chat_tokenizer))
     config = RomConfig.from_preset("auto", params_ratio=0.8, num_samples=8, seq_len=64)

@@ -115,7 +115,7 @@ try:
                 "--answer-tokens",
                 type=int,
                 default=None,
-                help="'self' calibration: longest answer in tokens (default 256)",
+                help="'self' calibration: longest answer in tokens (default 256; never longer than a window reads)",
             )
             parser.add_argument(
                 "--text-field", default="text", help="jsonl field(s) to read, e.g. question,answer"

@@ -1,0 +1,100 @@
+"""How fast the dense model answers prompts (what self-calibration and the chat task pay), and how
+close that is to the machine.
+
+    python benchmarks/generation_speed.py                 # batch 1, 4, 16, 64; 1 thread; 64 new tokens
+    python benchmarks/generation_speed.py --threads 2 --batches 16,64
+
+For each batch size it times ``optimum_rom.generation.generate_tokens`` (transformers' ``generate``
+with the KV cache, greedy) on prompts of the bundled chat set, and, in the same run, the two limits
+of a decode step: the matmuls of one step at the measured one-thread matmul rate (FLOP bound) and
+one read of the weights at the measured memory bandwidth (bandwidth bound). The ratio of the
+slower limit to the measured step says how close generation is to the machine; the rows are
+interleaved over the repeats so that load from other processes hits them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from optimum_rom import load_model
+from optimum_rom.calibration.data import BUNDLED_PROMPTS
+from optimum_rom.chat import prompt_ids, read_conversations
+from optimum_rom.generation import generate_tokens
+from optimum_rom.model_sources import DEFAULT_MODEL
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
+    """Read + write bandwidth of a large copy (what streaming the weights once per step costs)."""
+    source = torch.empty(megabytes * 2**20 // 4)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    return 2 * source.numel() * 4 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--batches", default="1,4,16,64")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, tokenizer = load_model(args.model)
+    conversations = read_conversations(BUNDLED_PROMPTS, need_answer=False)
+    prompts = [prompt_ids(tokenizer, c) for c in conversations]
+    parameters = model.num_parameters()
+    # per token, every weight is a multiply-add except the input embedding (a lookup), and a tied
+    # output head counts once among the parameters but is a matmul too
+    head = model.get_output_embeddings().weight
+    embedding = model.get_input_embeddings().weight
+    flops_per_token = 2 * (parameters - embedding.numel() + head.numel())
+    weight_bytes = 4 * parameters
+
+    batches = [int(b) for b in args.batches.split(",")]
+    steps: dict[int, list[float]] = {b: [] for b in batches}
+    gflops, bandwidth = [], []
+    for _ in range(args.repeats):
+        gflops.append(matmul_gflops())
+        bandwidth.append(bandwidth_gbs())
+        for batch in batches:
+            chunk = prompts[:batch]
+            started = time.perf_counter()
+            answers = generate_tokens(
+                model, tokenizer, chunk, args.new_tokens, batch_size=batch, progress=False
+            )
+            generated = max(len(a) for a in answers)
+            steps[batch].append((time.perf_counter() - started) / generated)
+    rate, speed = statistics.median(gflops), statistics.median(bandwidth)
+    print(f"{args.threads} thread(s): matmul {rate:.1f} GFLOP/s, memory copy {speed:.1f} GB/s (medians)")
+    print("| batch | step ms | tokens/s | FLOP-bound ms | weight-read ms | limit / measured |")
+    print("|---|---|---|---|---|---|")
+    for batch in batches:
+        step = statistics.median(steps[batch])
+        flop_ms = 1e3 * batch * flops_per_token / (rate * 1e9)
+        read_ms = 1e3 * weight_bytes / (speed * 1e9)
+        limit = max(flop_ms, read_ms)
+        print(
+            f"| {batch} | {1e3 * step:.0f} | {batch / step:.0f} | {flop_ms:.0f} | {read_ms:.0f} | {limit / (1e3 * step):.0%} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
