@@ -100,12 +100,17 @@ def test_the_pruning_schedule_is_front_loaded_and_ends_at_the_target():
     assert 576 - kept[0] > kept[0] - kept[1] > kept[-2] - kept[-1]  # most bases go first
 
 
-@pytest.mark.parametrize(("arch", "head_factorized"), [("llama", True), ("qwen2", False)])
-def test_compressed_model_hits_the_size_saves_and_reloads(arch, head_factorized, tokenizer, tmp_path):
+@pytest.mark.parametrize(
+    ("arch", "options", "head_factorized"),
+    [("llama", {}, True), ("qwen2", {}, False), ("llama", {"include_lm_head": False}, False)],
+)
+def test_compressed_model_hits_the_size_saves_and_reloads(
+    arch, options, head_factorized, tokenizer, tmp_path
+):
     model = tiny_model(arch)
     dense_params = count_parameters(model)
     optimizer = LowRankOptimizer(model, tokenizer)
-    config = BasisSelectionConfig(params_ratio=0.7, **FAST)
+    config = BasisSelectionConfig(params_ratio=0.7, **FAST, **options)
 
     compressed = optimizer.compress(
         config, train_dataset=counting_pairs(), save_dir=tmp_path / "bs", progress=False
@@ -114,6 +119,7 @@ def test_compressed_model_hits_the_size_saves_and_reloads(arch, head_factorized,
     assert optimizer.report.ratio == pytest.approx(0.7, rel=0.01)
     assert count_parameters(compressed) <= 0.7 * dense_params
     assert isinstance(compressed.lm_head, FactorizedLinear) == head_factorized  # a tied head stays tied
+    assert isinstance(compressed.model.layers[0].mlp.up_proj, FactorizedLinear)
     assert not any(isinstance(m, (BasisLinear, LoraFactorizedLinear)) for m in compressed.modules())
     saved = json.loads((tmp_path / "bs" / "config.json").read_text())["quantization_config"]
     assert saved["quant_method"] == "basis_selection" and saved["calibration"] == "24 prompt/answer pairs"
@@ -137,6 +143,28 @@ def test_training_on_the_task_beats_pruning_alone(tokenizer):
         model = optimizer.compress(config, train_dataset=pairs, progress=False)
         losses[name] = answer_loss(model, tokenizer, pairs, progress=False).loss
     assert losses["trained"] < losses["pruned only"] - 0.05
+
+
+def test_gradient_checkpointing_trains_the_same_model(tokenizer, monkeypatch):
+    import transformers.modeling_utils
+
+    checkpoint, checkpointed = transformers.modeling_utils.checkpoint, []
+    monkeypatch.setattr(
+        transformers.modeling_utils,
+        "checkpoint",
+        lambda *a, **k: checkpointed.append(1) or checkpoint(*a, **k),
+    )
+    examples = training_examples(tokenizer, counting_pairs(), FAST["num_samples"], FAST["seq_len"])
+    models, calls = [], []
+    for enabled in (False, True):
+        model = tiny_model("llama")
+        config = BasisSelectionConfig(params_ratio=0.7, **FAST, gradient_checkpointing=enabled)
+        run_basis_selection(model, config, examples, progress=False)
+        models.append(model)
+        calls.append(len(checkpointed))
+    assert calls[0] == 0 and calls[1] > 0  # the blocks of the training steps were checkpointed
+    ids = torch.randint(0, 500, (2, 16))
+    torch.testing.assert_close(models[1](ids).logits, models[0](ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_an_interrupted_run_resumes_from_its_last_round_and_ends_the_same(tokenizer, tmp_path, monkeypatch):

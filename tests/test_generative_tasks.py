@@ -1,4 +1,4 @@
-"""GSM8K answer extraction and scoring, greedy generation, HumanEval in the sandbox."""
+"""GSM8K answer extraction and scoring, greedy generation, HumanEval in the sandbox, the code answer loss."""
 
 import json
 
@@ -140,3 +140,24 @@ def test_humaneval_generation_uses_the_function_prompt(tokenizer, tmp_path):
     result = humaneval.evaluate_humaneval(model, tokenizer, path, max_new_tokens=4, timeout=5, progress=False)
     assert result["items"] == 1
     assert tokenizer.decode(seen[0][0], skip_special_tokens=True).endswith("def f(x):\n")
+
+
+def test_code_loss_scores_the_canonical_solutions_of_the_humaneval_file(tokenizer, tmp_path):
+    import gzip
+
+    from optimum_rom.evaluation import EvaluationOptions, answer_loss, evaluate
+    from optimum_rom.task_data import PromptAnswer
+
+    problems = [
+        {"task_id": f"t/{i}", "prompt": f"def f{i}(x):\n", "canonical_solution": f"    return x * {i}\n",
+         "test": "", "entry_point": f"f{i}"}
+        for i in range(3)
+    ]  # fmt: skip
+    with gzip.open(tmp_path / "HumanEval.jsonl.gz", "wt") as handle:
+        handle.writelines(json.dumps(p) + "\n" for p in problems)
+    model = tiny_model("llama")
+
+    scored = evaluate(model, tokenizer, ["code_loss"], tmp_path, EvaluationOptions(progress=False))
+    pairs = [PromptAnswer(p["prompt"], p["canonical_solution"]) for p in problems]
+    expected = answer_loss(model, tokenizer, pairs, progress=False)
+    assert scored["tasks"]["code_loss"]["loss"] == pytest.approx(expected.loss)

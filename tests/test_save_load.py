@@ -51,6 +51,17 @@ def test_resaving_a_loaded_model_round_trips(compressed_dir, tmp_path):
     torch.testing.assert_close(again(ids).logits, loaded(ids).logits, rtol=0, atol=0)
 
 
+def test_a_sharded_checkpoint_reloads_exactly(compressed_dir, tmp_path):
+    loaded = AutoModelForCausalLM.from_pretrained(compressed_dir("llama"))
+    loaded.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")
+    ids = torch.randint(0, 500, (1, 12))
+    torch.testing.assert_close(again(ids).logits, loaded(ids).logits, rtol=0, atol=0)
+
+
 def test_a_failed_compression_leaves_no_output_directory(compressed_dir, tmp_path):
     with pytest.raises(ValueError, match="out of reach"):
         compressed_dir("llama", "out", params_ratio=0.01)

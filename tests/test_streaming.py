@@ -1,6 +1,7 @@
 """Streaming compression: block by block from disk, resumable, identical to the in-memory result."""
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -24,9 +25,16 @@ def digest(path):
     return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma"])
-def test_streamed_and_in_memory_compression_give_the_same_model(arch, model_dir, calibration_file, tmp_path):
+@pytest.mark.parametrize(("arch", "shards"), [("llama", None), ("gemma", None), ("llama", "100KB")])
+def test_streamed_and_in_memory_compression_give_the_same_model(
+    arch, shards, model_dir, calibration_file, tokenizer, tmp_path
+):
     dense = model_dir(arch)
+    if shards:  # a model saved in several files streams the same
+        dense = tmp_path / "sharded"
+        AutoModelForCausalLM.from_pretrained(model_dir(arch)).save_pretrained(dense, max_shard_size=shards)
+        tokenizer.save_pretrained(dense)
+        assert len(list(dense.glob("model-*.safetensors"))) > 2
     streamed = LowRankOptimizer.from_pretrained(dense)
     streamed.compress(
         RomConfig(**CONFIG), calibration=calibration_file, save_dir=tmp_path / "streamed", progress=False
@@ -49,7 +57,7 @@ def test_streamed_and_in_memory_compression_give_the_same_model(arch, model_dir,
 
 KILL_AFTER_SECOND_BLOCK = textwrap.dedent(
     """
-    import os, signal, sys
+    import json, os, signal, sys
     import optimum_rom.streaming as streaming
     from optimum_rom import LowRankOptimizer, RomConfig
 
@@ -59,19 +67,30 @@ KILL_AFTER_SECOND_BLOCK = textwrap.dedent(
         if index == 1:
             os.kill(os.getpid(), signal.SIGKILL)
     streaming.StreamingBlocks.done = done_then_die
-    model, calibration, output = sys.argv[1:]
+    model, calibration, output, options = sys.argv[1:]
     LowRankOptimizer.from_pretrained(model).compress(
-        RomConfig(params_ratio=0.7, num_samples=8, seq_len=32), calibration=calibration, save_dir=output,
-        progress=False,
+        RomConfig(**json.loads(options)), calibration=calibration, save_dir=output, progress=False
     )
     """
 )
 
 
-def test_a_killed_run_resumes_and_produces_the_identical_checkpoint(model_dir, calibration_file, tmp_path):
+@pytest.mark.parametrize("options", [{}, {"target": "dense", "refine_epochs": 1}])
+def test_a_killed_run_resumes_and_produces_the_identical_checkpoint(
+    options, model_dir, calibration_file, tmp_path
+):
     dense = model_dir("llama")
+    config = {**CONFIG, **options}  # target="dense": the journal holds the dense stream too
     killed = subprocess.run(
-        [sys.executable, "-c", KILL_AFTER_SECOND_BLOCK, dense, calibration_file, tmp_path / "out"],
+        [
+            sys.executable,
+            "-c",
+            KILL_AFTER_SECOND_BLOCK,
+            dense,
+            calibration_file,
+            tmp_path / "out",
+            json.dumps(config),
+        ],
         timeout=600,
     )
     assert killed.returncode == -signal.SIGKILL
@@ -80,12 +99,12 @@ def test_a_killed_run_resumes_and_produces_the_identical_checkpoint(model_dir, c
 
     resumed = LowRankOptimizer.from_pretrained(dense)
     resumed.compress(
-        RomConfig(**CONFIG), calibration=calibration_file, save_dir=tmp_path / "out", progress=False
+        RomConfig(**config), calibration=calibration_file, save_dir=tmp_path / "out", progress=False
     )
     assert not (tmp_path / ".out.partial").exists()
 
     LowRankOptimizer.from_pretrained(dense).compress(
-        RomConfig(**CONFIG), calibration=calibration_file, save_dir=tmp_path / "uninterrupted", progress=False
+        RomConfig(**config), calibration=calibration_file, save_dir=tmp_path / "uninterrupted", progress=False
     )
     assert digest(tmp_path / "out") == digest(tmp_path / "uninterrupted")
 
