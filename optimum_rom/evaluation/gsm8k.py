@@ -8,13 +8,13 @@ with commas, "$" and a trailing "." removed.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import time
 from pathlib import Path
 from typing import Any
 
+from ..jsonl import read_jsonl
 from .generation import greedy_generate
 
 STOP = ["Question:", "</s>", "<|im_end|>"]
@@ -28,18 +28,14 @@ def read_problems(path: str | Path, limit: int | None = None) -> list[dict[str, 
     if not path.is_file():
         raise FileNotFoundError(f"GSM8K file not found: {path}")
     problems = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if "question" not in record or "####" not in record.get("answer", ""):
-                raise ValueError(
-                    f"{path}:{line_number} is not a GSM8K record ({{question, answer}} with '#### <number>')"
-                )
-            problems.append({"question": record["question"], "answer": record["answer"]})
-            if limit is not None and len(problems) >= limit:
-                break
+    for number, record in enumerate(read_jsonl(path, ("question", "answer")), 1):
+        if "####" not in str(record["answer"]):
+            raise ValueError(
+                f"{path}: record {number} is not a GSM8K record (its answer has no '#### <number>')"
+            )
+        problems.append({"question": record["question"], "answer": record["answer"]})
+        if limit is not None and len(problems) >= limit:
+            break
     if not problems:
         raise ValueError(f"GSM8K file {path} is empty")
     return problems
