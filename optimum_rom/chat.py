@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -207,6 +208,8 @@ def cached_answers(
                 for i, r in zip(chunk, replies, strict=True)
             )
             with path.open("a") as cache_file:  # one write per batch, appended whole
+                if cache_file.tell() and not _ends_a_line(path):  # after a torn write: a line of its own
+                    lines = "\n" + lines
                 cache_file.write(lines)
             cache.update({keys[i]: reply for i, reply in zip(chunk, replies, strict=True)})
     return [
@@ -225,6 +228,12 @@ def _read_cache(path: Path) -> dict[str, list[int]]:
                 continue
             cache[record["prompt"]] = record["answer"]
     return cache
+
+
+def _ends_a_line(path: Path) -> bool:
+    with path.open("rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
 
 
 def weights_identity(model) -> str:

@@ -1,6 +1,8 @@
 """Chat data: rendering with the template, calibration windows, self-calibration, the chat task."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,8 +103,13 @@ def test_an_interrupted_generation_keeps_the_answers_it_finished(chat_tokenizer,
     with pytest.raises(KeyboardInterrupt):
         cached_answers(dense, chat_tokenizer, PROMPTS, settings, progress=False)
     batches.clear()
+    cache = max((Path(os.environ["OPTIMUM_ROM_CACHE"]) / "answers").glob("*.jsonl"), key=os.path.getmtime)
+    cache.write_text(cache.read_text() + '{"prompt": "torn')  # a write cut short by the kill
     answers = cached_answers(dense, chat_tokenizer, PROMPTS, settings, progress=False)
     assert batches == [4] and len(answers) == 12  # only the interrupted batch is generated again
+    batches.clear()
+    assert cached_answers(dense, chat_tokenizer, PROMPTS, settings, progress=False) == answers
+    assert batches == []  # the batch written after the torn line was kept whole
 
 
 def test_a_chat_model_is_self_calibrated_by_default(chat_tokenizer, model_dir, tmp_path):
