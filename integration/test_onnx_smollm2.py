@@ -33,7 +33,7 @@ def exported(tmp_path_factory):
         config, calibration=DATA / "wikitext2_valid_excerpt.txt", save_dir=root / "rom", progress=False
     )
     fp32 = export_onnx(root / "rom", root / "fp32", progress=False)
-    int8 = export_onnx(root / "rom", root / "int8", int8="weight-only", progress=False)
+    int8 = export_onnx(root / "rom", root / "int8", weights="int8", progress=False)
     return root, fp32, int8
 
 

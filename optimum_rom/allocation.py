@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .layers import factorized_parameter_count
-from .structure import LinearSite, count_parameters, find_blocks, find_linear_sites
+from .structure import LinearSite, count_parameters, decoder_linear_parameters, find_blocks, find_linear_sites
 
 
 class UnreachableTargetError(ValueError):
@@ -52,6 +52,29 @@ def site_params(site: LinearSite, rank: int | None, with_bias: bool) -> int:
 
 def saves_parameters(site: LinearSite, rank: int, with_bias: bool) -> bool:
     return site_params(site, rank, with_bias) < site.dense_params
+
+
+def model_ratio(config, model: nn.Module) -> float:
+    """``config.params_ratio`` as a fraction of the whole model, which the plans below target.
+
+    Of the decoder linears (``ratio_of="linears"``): keeping ``r`` of ``L`` linear parameters out of
+    ``T`` keeps ``1 - (1 - r) * L / T`` of the model, since every removed parameter is a linear's.
+    """
+    if config.ratio_of == "model":
+        return config.params_ratio
+    linears = decoder_linear_parameters(model)
+    return 1 - (1 - config.params_ratio) * linears / count_parameters(model)
+
+
+def kept_ratios(model: nn.Module, plan: RankPlan) -> dict[str, float]:
+    """The plan's size in both accountings: of the whole model and of the decoder linears.
+
+    The parameters a plan removes are the factorized linears' (an lm_head that Basis Selection
+    factorizes is counted with the decoder linears here).
+    """
+    linears = decoder_linear_parameters(model)
+    removed = plan.total_params - plan.kept_params
+    return {"model": plan.ratio, "linears": (linears - removed) / linears}
 
 
 def plan_uniform(

@@ -125,7 +125,8 @@ def _calibration_line(config: LowRankConfig) -> str:
 def _measured_lines(report) -> list[str]:
     lines = [
         f"- compression: {report.seconds:.1f} s ({'streamed from disk, one block in memory' if report.streamed else 'in memory'})",
-        f"- parameters kept: {report.ratio:.3f} of the dense model (target {report.target_ratio})",
+        f"- parameters kept: {report.ratio:.3f} of the dense model, {report.linear_ratio:.3f} of its decoder "
+        f"linears (target {report.target_ratio} of the {'whole model' if report.ratio_of == 'model' else 'decoder linears'})",
     ]
     if report.healing:
         healing = report.healing

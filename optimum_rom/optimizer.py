@@ -15,7 +15,7 @@ from optimum.quantization_base import OptimumQuantizer
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .allocation import RankPlan
+from .allocation import RankPlan, UnreachableTargetError, kept_ratios, model_ratio
 from .calibration.data import (
     BUNDLED_TEXT,
     CalibrationSet,
@@ -84,6 +84,7 @@ class CompressionReport:
     linear_params_before: int  # the decoder blocks' linears only (what papers count)
     linear_params_after: int
     target_ratio: float
+    ratio_of: str  # what target_ratio is a fraction of: "model" or "linears"
     factorized_modules: int
     seconds: float  # compression, healing excluded
     streamed: bool
@@ -91,10 +92,16 @@ class CompressionReport:
 
     @property
     def ratio(self) -> float:
+        """Of the whole model (embeddings included, tied weights once)."""
         return self.params_after / self.params_before
 
+    @property
+    def linear_ratio(self) -> float:
+        """Of the decoder linears only, as papers count."""
+        return self.linear_params_after / self.linear_params_before
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "ratio": self.ratio}
+        return {**asdict(self), "ratio": self.ratio, "linear_ratio": self.linear_ratio}
 
 
 class LowRankOptimizer(OptimumQuantizer):
@@ -213,6 +220,7 @@ class LowRankOptimizer(OptimumQuantizer):
             linear_params_before=before[1],
             linear_params_after=decoder_linear_parameters(self._model),
             target_ratio=job.config.params_ratio,
+            ratio_of=job.config.ratio_of,
             factorized_modules=len(factorized_ranks(self._model)),
             seconds=seconds,
             streamed=job.streamed,
@@ -277,8 +285,18 @@ class LowRankOptimizer(OptimumQuantizer):
         if not job.streamed:
             check_materialized(model)
         check_finite_weights(job.lazy.tensors() if job.streamed else model.named_parameters())
-        plan = job.method.plan(model, job.config, job.data, job.progress)
+        try:
+            plan = job.method.plan(model, job.config, job.data, job.progress)
+        except UnreachableTargetError as error:
+            if job.config.ratio_of == "model":
+                raise
+            whole = model_ratio(job.config, model)
+            raise UnreachableTargetError(
+                f"params_ratio={job.config.params_ratio} of the decoder linears is {whole:.3f} of the whole "
+                f"model, and {error}"
+            ) from None
         job.method.check(job.config, plan, job.data)
+        job.config.kept_ratios = {name: round(value, 6) for name, value in kept_ratios(model, plan).items()}
         if job.save_dir is not None and not job.streamed:
             check_output_space(job.save_dir, plan.kept_params * model.dtype.itemsize)
         return model, plan

@@ -5,7 +5,7 @@ from optimum_rom import RomConfig
 from optimum_rom.allocation import UnreachableTargetError, plan_by_damage, rank_for_budget
 from optimum_rom.calibration.data import CalibrationSet
 from optimum_rom.passes.rom import plan_rom
-from optimum_rom.structure import count_parameters, find_linear_sites
+from optimum_rom.structure import count_parameters, decoder_linear_parameters, find_linear_sites
 
 from .conftest import ARCHITECTURES, tiny_model
 
@@ -39,6 +39,38 @@ def test_adaptive_allocation_measures_the_model_and_reaches_the_target(arch):
     assert plan.ratio == pytest.approx(0.7, rel=0.01)
     assert len(set(plan.ranks.values())) > 1  # not uniform
     assert all(p.requires_grad and p.grad is None for p in model.parameters())  # measuring left no trace
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "paper"])
+def test_a_ratio_of_the_linears_is_reached_the_way_papers_count_it(allocation):
+    model = tiny_model("qwen2")  # tied embeddings: a large share of the model is not in the linears
+    linears, total = decoder_linear_parameters(model), count_parameters(model)
+    plan = plan_rom(model, RomConfig(params_ratio=0.6, ratio_of="linears", allocation=allocation))
+    kept_linears = linears - (total - plan.kept_params)
+    assert kept_linears <= 0.6 * linears and kept_linears == pytest.approx(0.6 * linears, rel=0.01)
+    assert plan.ratio == pytest.approx((total - 0.4 * linears) / total, abs=0.01)  # of the whole model, more
+    same_model_ratio = plan_rom(model, RomConfig(params_ratio=plan.ratio + 1e-9, allocation=allocation))
+    assert same_model_ratio.ranks == plan.ranks  # one budget, two ways to state it
+
+
+def test_a_compressed_checkpoint_records_both_accountings(model_dir, calibration_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from optimum_rom import LowRankOptimizer
+
+    optimizer = LowRankOptimizer.from_pretrained(model_dir("qwen2"))
+    config = RomConfig(params_ratio=0.7, ratio_of="linears", num_samples=4, seq_len=32)
+    optimizer.compress(config, calibration=calibration_file, save_dir=tmp_path / "rom", progress=False)
+    report = optimizer.report
+    assert report.linear_ratio == pytest.approx(0.7, abs=0.01) and report.ratio > 0.75
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "rom").config.quantization_config
+    assert saved.ratio_of == "linears" and saved.params_ratio == 0.7
+    assert saved.kept_ratios == {
+        "model": pytest.approx(report.ratio, abs=1e-6),
+        "linears": pytest.approx(report.linear_ratio, abs=1e-6),
+    }
+    card = (tmp_path / "rom" / "README.md").read_text()
+    assert f"{report.linear_ratio:.3f} of its decoder linears (target 0.7 of the decoder linears)" in card
 
 
 def test_adaptive_allocation_needs_calibration_data():
@@ -86,6 +118,12 @@ def test_unreachable_target_fails_before_any_work():
         plan_rom(model, RomConfig(params_ratio=0.05))
     with pytest.raises(UnreachableTargetError, match="compress more blocks"):
         plan_rom(model, RomConfig(params_ratio=0.5, allocation="paper", num_trailing_blocks=1))
+    with pytest.raises(
+        UnreachableTargetError, match=r"params_ratio=0.01 of the decoder linears is 0\.\d+ of the whole model"
+    ):
+        from optimum_rom import LowRankOptimizer, SvdConfig
+
+        LowRankOptimizer(model).compress(SvdConfig(params_ratio=0.01, ratio_of="linears"), progress=False)
 
 
 def test_config_rejects_nonsense():
@@ -94,6 +132,8 @@ def test_config_rejects_nonsense():
             RomConfig(params_ratio=bad)
     with pytest.raises(ValueError, match="allocation must be one of"):
         RomConfig(allocation="random")
+    with pytest.raises(ValueError, match="ratio_of must be one of"):
+        RomConfig(ratio_of="embeddings")
     with pytest.raises(ValueError, match="num_samples must be a positive integer"):
         RomConfig(num_samples=0)
 

@@ -184,11 +184,17 @@ def test_evaluate_names_every_missing_data_file_before_loading_the_model(tmp_pat
 def test_compress_with_the_svd_baseline_needs_no_calibration(model_dir, tmp_path):
     result = optimum_cli(
         "rom", "compress", "--model", model_dir("llama"), "--method", "svd", "--params-ratio", 0.8,
-        "--output", tmp_path / "svd",
+        "--ratio-of", "linears", "--output", tmp_path / "svd",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     config = json.loads((tmp_path / "svd" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "svd" and config["calibration"] is None
+    assert config["ratio_of"] == "linears" and 0.79 < config["kept_ratios"]["linears"] <= 0.8
+    kept = config["kept_ratios"]
+    assert kept["model"] > 0.85
+    assert (
+        f"({kept['model']:.3f} of the model, {kept['linears']:.3f} of the decoder linears)" in result.stdout
+    )
 
 
 def test_a_chat_model_is_compressed_on_its_own_answers_and_scored_on_chat(

@@ -17,7 +17,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from optimum_rom import export_onnx
 from optimum_rom.checkpoint_format import factorized_ranks
 from optimum_rom.evaluation import text_perplexity
-from optimum_rom.export import UnsupportedArchitectureError, linear_weights, verify_factorized
+from optimum_rom.export import (
+    UnsupportedArchitectureError,
+    linear_weights,
+    quantize_blockwise,
+    verify_factorized,
+)
 
 from .conftest import ARCHITECTURES, tiny_config
 
@@ -77,7 +82,7 @@ def test_export_onnx_keeps_two_thin_matmuls_and_generates_like_pytorch(arch, com
     checkpoint = compressed_dir(arch)
     report = export_onnx(checkpoint, tmp_path / "onnx", progress=False)
 
-    assert report.graph == "fused" and report.int8 is None and report.factorized_linears == 21
+    assert report.graph == "fused" and report.weights == "fp32" and report.factorized_linears == 21
     assert report.logits_max_abs_diff < 1e-4
     onnx_file = tmp_path / "onnx" / "model.onnx"
     weights = linear_weights(onnx_file)
@@ -105,29 +110,36 @@ def test_perplexity_runs_through_onnxruntime_like_through_pytorch(compressed_dir
     assert onnx_ppl.perplexity == pytest.approx(torch_ppl.perplexity, rel=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # untied and tied embeddings
-def test_int8_weight_only_quantizes_every_linear_and_the_embedding_once(
-    arch, compressed_dir, calibration_file, tmp_path
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # untied and tied embeddings; qwen2's q/k/v are Gemms
+@pytest.mark.parametrize(
+    ("weights", "smaller", "perplexity_change"), [("int8", 2.0, 0.02), ("int4", 3.0, 0.15)]
+)
+def test_weight_only_quantizes_every_linear_and_the_embedding_once(
+    arch, weights, smaller, perplexity_change, compressed_dir, calibration_file, tmp_path
 ):
     checkpoint = compressed_dir(arch)
     fp32 = export_onnx(checkpoint, tmp_path / "fp32", progress=False)
-    int8 = export_onnx(checkpoint, tmp_path / "int8", int8="weight-only", progress=False)
+    quantized = export_onnx(checkpoint, tmp_path / weights, weights=weights, progress=False)
 
-    graph = onnx.load(str(tmp_path / "int8" / "model.onnx")).graph
+    assert quantized.weights == weights and quantized.block_size == 32
+    graph = onnx.load(str(tmp_path / weights / "model.onnx")).graph
     ops = [node.op_type for node in graph.node]
     assert ops.count("MatMulNBits") == 2 * 21 + 1 and "MatMul" not in ops and "Gemm" not in ops  # + lm_head
+    assert {
+        a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"
+    } == {int(weights[-1])}
     assert ops.count("GatherBlockQuantized") == 1
     float_matrices = [
         i.name
         for i in graph.initializer
-        if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and not i.name.endswith(".scales")
+        if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and not i.name.endswith("scales")
     ]
     assert float_matrices == ["model.rotary_emb.cos_cache", "model.rotary_emb.sin_cache"]
     tables = [i for i in graph.initializer if i.dims[:1] == [512] and i.data_type == onnx.TensorProto.UINT8]
     assert len(tables) == (1 if arch == "qwen2" else 2)  # a tied table is quantized once, read by both ops
-    assert fp32.onnx_bytes > 2 * int8.onnx_bytes
+    assert fp32.onnx_bytes > smaller * quantized.onnx_bytes
     verify_factorized(
-        tmp_path / "int8" / "model.onnx", factorized_ranks(AutoModelForCausalLM.from_pretrained(checkpoint))
+        tmp_path / weights / "model.onnx", factorized_ranks(AutoModelForCausalLM.from_pretrained(checkpoint))
     )
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -136,16 +148,30 @@ def test_int8_weight_only_quantizes_every_linear_and_the_embedding_once(
         ORTModelForCausalLM.from_pretrained(tmp_path / "fp32"), tokenizer, calibration_file, **options
     )
     after = text_perplexity(
-        ORTModelForCausalLM.from_pretrained(tmp_path / "int8"), tokenizer, calibration_file, **options
+        ORTModelForCausalLM.from_pretrained(tmp_path / weights), tokenizer, calibration_file, **options
     )
-    assert after.perplexity == pytest.approx(before.perplexity, rel=0.02)
+    assert after.perplexity == pytest.approx(before.perplexity, rel=perplexity_change)
+
+
+def test_quantized_blocks_decode_to_the_weights_they_came_from():
+    """The 4-bit packing (two values a byte, low nibble first) read back as onnxruntime reads it."""
+    weight = np.random.default_rng(0).normal(size=(6, 64)).astype(np.float32)
+    for bits, largest in ((8, 127), (4, 7)):
+        packed, scales = quantize_blockwise(weight, bits, block_size=16)
+        assert packed.shape == (6, 4, 16 * bits // 8) and scales.shape == (6, 4)
+        values = packed if bits == 8 else np.stack([packed & 15, packed >> 4], axis=-1).reshape(6, 4, 16)
+        decoded = (values.astype(np.float32) - 2 ** (bits - 1)) * scales[..., None]
+        assert np.abs(decoded.reshape(6, 64) - weight).max() <= scales.max() / 2 + 1e-6
+        assert np.abs(values.astype(int) - 2 ** (bits - 1)).max() == largest
 
 
 def test_dynamic_int8_goes_through_optimums_ort_quantizer(compressed_dir, tmp_path):
     checkpoint = compressed_dir("llama")
-    report = export_onnx(checkpoint, tmp_path / "int8", int8="dynamic", graph="optimum", progress=False)
+    report = export_onnx(
+        checkpoint, tmp_path / "int8", weights="int8-dynamic", graph="optimum", progress=False
+    )
 
-    assert report.graph == "optimum" and report.int8 == "dynamic"
+    assert report.graph == "optimum" and report.weights == "int8-dynamic"
     assert json.loads((tmp_path / "int8" / "ort_config.json").read_text())["quantization"]["per_channel"]
     graph = onnx.load(str(tmp_path / "int8" / "model.onnx")).graph
     quantized = {node.name for node in graph.node if node.op_type == "MatMulInteger"}
@@ -193,8 +219,24 @@ def test_cli_export_then_evaluate_on_onnxruntime(compressed_dir, calibration_fil
 
     result = run("export", "--model", checkpoint, "--output", tmp_path / "onnx", "--int8")
     assert result.returncode == 0, result.stderr
-    assert "fused graph, int8 weight-only" in result.stdout and "21 factorized linears" in result.stdout
+    assert (
+        "fused graph, int8 weight-only, blocks of 32" in result.stdout
+        and "21 factorized linears" in result.stdout
+    )
 
+    result = run(
+        "export", "--model", checkpoint, "--output", tmp_path / "int4", "--int4", "--block-size", "16"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "fused graph, int4 weight-only, blocks of 16" in result.stdout
+    for wrong, message in (
+        (["--int4", "--block-size", "24"], "block_size must be a power of two >= 16"),
+        (["--block-size", "64"], "--block-size is for the weight-only formats"),
+        (["--int4", "--int8"], "not allowed with argument"),
+    ):
+        result = run("export", "--model", checkpoint, "--output", tmp_path / "wrong", *wrong)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+        assert not (tmp_path / "wrong").exists()
     result = run("export", "--model", checkpoint, "--output", tmp_path / "onnx")
     assert result.returncode == 2 and "already exists" in result.stderr and "Traceback" not in result.stderr
     result = run("export", "--model", tmp_path / "missing", "--output", tmp_path / "other")

@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .options import default
+from .options import choices, default
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,11 @@ class LowRankConfig(QuantizationConfigMixin):
     """Options shared by all passes.
 
     Args:
-        params_ratio: fraction of the model's parameters to keep (embeddings included, tied
-            weights counted once); 0.8 removes 20%. Must be in (0, 1].
+        params_ratio: fraction of the parameters to keep, of what ``ratio_of`` names; 0.8 removes
+            20%. Must be in (0, 1].
+        ratio_of: ``"model"``: of the whole model (embeddings included, tied weights counted
+            once: what a user's disk and memory hold); ``"linears"``: of the decoder blocks' linears
+            only, as papers count (SVD-LLM, AA-SVD, Dobi-SVD), to set numbers beside theirs.
         target_modules: names (or name suffixes, PEFT-style) of the linears that may be
             factorized; ``None`` means every ``nn.Linear`` inside the decoder blocks.
         num_samples / seq_len: calibration sequences and their length in tokens.
@@ -54,9 +57,12 @@ class LowRankConfig(QuantizationConfigMixin):
         calibration: filled by the optimizer: a short description of the calibration source.
         source_model: filled by the optimizer: the dense model compressed (a known alias or an
             absolute path), which the chat evaluation compares the compressed model's answers with.
+        kept_ratios: filled by the optimizer: the planned size in both accountings,
+            ``{"model": ..., "linears": ...}``, whichever one ``params_ratio`` targeted.
     """
 
     params_ratio: float = default("params_ratio")
+    ratio_of: str = default("ratio_of")
     target_modules: list[str] | None = default("target_modules")
     num_samples: int = default("num_samples")
     seq_len: int = default("seq_len")
@@ -64,6 +70,7 @@ class LowRankConfig(QuantizationConfigMixin):
     modules: dict[str, int] = field(default_factory=dict)
     calibration: str | None = None
     source_model: str | None = None
+    kept_ratios: dict[str, float] | None = None
     quant_method: str = ""
 
     def __post_init__(self) -> None:
@@ -71,6 +78,10 @@ class LowRankConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"params_ratio must be in (0, 1] (the fraction of parameters kept; 0.8 removes 20%), "
                 f"got {self.params_ratio!r}"
+            )
+        if self.ratio_of not in choices("ratio_of"):
+            raise ValueError(
+                f"ratio_of must be one of {choices('ratio_of')} (what params_ratio is a fraction of), got {self.ratio_of!r}"
             )
         for name in ("num_samples", "seq_len"):
             value = getattr(self, name)

@@ -32,7 +32,14 @@ class Option:
 BASIS_SELECTION_SHAPE = {"num_samples": 1024, "seq_len": 256}
 
 COMMON = (
-    Option("params_ratio", 0.8, "fraction of parameters kept, embeddings included (0.8 removes 20%%)"),
+    Option("params_ratio", 0.8, "fraction of parameters kept, of what --ratio-of says (0.8 removes 20%%)"),
+    Option(
+        "ratio_of",
+        "model",
+        "what --params-ratio is a fraction of: the whole model, embeddings included (default), or the "
+        "decoder linears only, as papers count",
+        choices=("model", "linears"),
+    ),
     Option(
         "num_samples",
         128,

@@ -77,7 +77,7 @@ def build_decoder_graph(model: nn.Module, progress: bool = True, gemm_bias: bool
     """The fused ONNX graph (fp32) of a supported causal LM; see :func:`check_supported`.
 
     ``gemm_bias=False`` writes linears with a bias as ``MatMul`` + ``Add`` instead of one ``Gemm``
-    (for quantizers that only know MatMul, such as onnxruntime's dynamic int8).
+    (for quantizers that only know MatMul, such as optimum's dynamic int8).
     """
     check_supported(model)
     builder = _GraphBuilder(model, gemm_bias)

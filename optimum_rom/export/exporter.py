@@ -24,15 +24,22 @@ from ..checkpoint_format import factorized_ranks
 from ..model_sources import load_model
 from .decoder_graph import UnsupportedArchitectureError, build_decoder_graph, check_supported
 from .inspection import verify_factorized
-from .int8 import INT8_METHODS, quantize_dynamic_with_ort_quantizer, quantize_weights_int8
+from .weights import (
+    BITS,
+    BLOCK_SIZE,
+    WEIGHT_FORMATS,
+    check_block_size,
+    quantize_dynamic_with_ort_quantizer,
+    quantize_weights,
+)
 
 GRAPHS = ("auto", "fused", "optimum")
 ONNX_FILE = "model.onnx"
 # Protobuf cannot hold more than 2 GB: larger models keep their weights in one side file.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # Largest |logit difference| to PyTorch accepted, relative to the largest |logit|. fp32 graphs
-# agree to ~1e-6; int8 weights move logits by about a percent.
-TOLERANCE = {None: 1e-3, "weight-only": 0.15, "dynamic": 1.0}
+# agree to ~1e-6; int8 weights move logits by about a percent, int4 by several.
+TOLERANCE = {"fp32": 1e-3, "int8": 0.15, "int4": 0.5, "int8-dynamic": 1.0}
 VALIDATION_TOKENS = 12
 
 
@@ -42,7 +49,8 @@ class OnnxExportReport:
 
     path: Path
     graph: str  # "fused" (our graph) or "optimum" (the stock exporter's)
-    int8: str | None
+    weights: str  # one of WEIGHT_FORMATS
+    block_size: int | None  # inputs per quantization block of the weight-only formats
     onnx_bytes: int
     factorized_linears: int
     logits_max_abs_diff: float  # vs the PyTorch model on a validation prompt
@@ -58,7 +66,8 @@ def export_onnx(
     output: str | Path,
     *,
     tokenizer=None,
-    int8: str | None = None,
+    weights: str = "fp32",
+    block_size: int = BLOCK_SIZE,
     graph: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
@@ -66,14 +75,16 @@ def export_onnx(
     """Export a causal LM (dense or factorized; a model object, HF directory, ``.gguf`` or known alias).
 
     Args:
-        int8: ``None`` (fp32), ``"weight-only"`` (MatMulNBits int8 weights, the recommended int8) or
-            ``"dynamic"`` (optimum's ORTQuantizer, dynamic per-tensor activations); see :mod:`.int8`.
+        weights: ``"fp32"``, ``"int8"`` / ``"int4"`` (weight-only MatMulNBits, one scale per
+            ``block_size`` inputs) or ``"int8-dynamic"`` (optimum's ORTQuantizer, dynamic per-tensor
+            activations); see :mod:`.weights`.
         graph: ``"fused"`` builds onnxruntime fused-kernel graph (:mod:`.decoder_graph`), ``"optimum"``
             runs the stock ``optimum-cli export onnx`` exporter, ``"auto"`` takes the fused graph when
             the architecture is supported and the stock one otherwise.
     """
-    if int8 not in (None, *INT8_METHODS):
-        raise ValueError(f"int8 must be None or one of {INT8_METHODS}, got {int8!r}")
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    check_block_size(block_size)
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
     source = getattr(getattr(model, "config", None), "_name_or_path", None) or model
@@ -89,20 +100,20 @@ def export_onnx(
     started = time.perf_counter()
     with atomic_directory(output, overwrite) as partial:
         if graph == "fused":
-            onnx_model = build_decoder_graph(model, progress, gemm_bias=int8 != "dynamic")
+            onnx_model = build_decoder_graph(model, progress, gemm_bias=weights != "int8-dynamic")
         else:
             onnx_model = _stock_export(model, partial)
-        if int8 == "weight-only":
-            quantize_weights_int8(onnx_model, progress)
-        _save_onnx(onnx_model, partial / ONNX_FILE, graph, int8)
+        if weights in BITS:
+            onnx_model = quantize_weights(onnx_model, BITS[weights], block_size, progress)
+        _save_onnx(onnx_model, partial / ONNX_FILE, graph, weights)
         del onnx_model
         _save_configs(model, tokenizer, partial)
-        if int8 == "dynamic":
+        if weights == "int8-dynamic":
             quantize_dynamic_with_ort_quantizer(partial, partial)
         ranks = factorized_ranks(model)
         verify_factorized(partial / ONNX_FILE, ranks)
         difference, scale = compare_with_pytorch(partial, model)
-        if difference > TOLERANCE[int8] * max(1.0, scale):
+        if difference > TOLERANCE[weights] * max(1.0, scale):
             raise RuntimeError(
                 f"the exported {graph} graph does not reproduce the PyTorch logits (max |difference| "
                 f"{difference:.3g} for logits up to {scale:.3g}); this is a bug, please report it"
@@ -111,7 +122,8 @@ def export_onnx(
     return OnnxExportReport(
         path=output,
         graph=graph,
-        int8=int8,
+        weights=weights,
+        block_size=block_size if weights in BITS else None,
         onnx_bytes=onnx_bytes,
         factorized_linears=len(ranks),
         logits_max_abs_diff=difference,
@@ -146,8 +158,8 @@ def _stock_export(model: PreTrainedModel, directory: Path) -> onnx.ModelProto:
     return onnx_model
 
 
-def _save_onnx(onnx_model: onnx.ModelProto, path: Path, graph: str, int8: str | None) -> None:
-    onnx.helper.set_model_props(onnx_model, {"optimum_rom.graph": graph, "optimum_rom.int8": int8 or "none"})
+def _save_onnx(onnx_model: onnx.ModelProto, path: Path, graph: str, weights: str) -> None:
+    onnx.helper.set_model_props(onnx_model, {"optimum_rom.graph": graph, "optimum_rom.weights": weights})
     weight_bytes = sum(len(init.raw_data) for init in onnx_model.graph.initializer)
     if weight_bytes > EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(

@@ -1,6 +1,6 @@
 """Reading an exported graph back: which linears it holds, with which weight shapes.
 
-Works on the stock exporter's graphs and on ours, fp32 or int8, because both name a node
+Works on the stock exporter's graphs and on ours, fp32 or quantized, because both name a node
 ``<module scope>/<op>`` (``/model/layers.0/mlp/up_proj/down/MatMul``).
 """
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx
 
-from .int8 import constant_weight
+from .weights import constant_weight
 
 
 def linear_weights(model: onnx.ModelProto | str | Path) -> dict[str, tuple[int, int]]:

@@ -103,7 +103,8 @@ def compress(args: Namespace) -> None:
     report = optimizer.report
     print(
         f"compressed {args.model} with {description}: {report.params_before:,} -> "
-        f"{report.params_after:,} parameters ({report.ratio:.3f}), {report.factorized_modules} linears factorized, "
+        f"{report.params_after:,} parameters ({report.ratio:.3f} of the model, {report.linear_ratio:.3f} of the "
+        f"decoder linears), {report.factorized_modules} linears factorized, "
         f"{report.seconds:.1f} s; saved to {args.output}"
     )
 
@@ -183,11 +184,24 @@ def task_data_override(tasks: list[str], task_data: str) -> dict[str, Path]:
 
 def export(args: Namespace) -> None:
     from ..export import export_onnx
+    from ..export.weights import BLOCK_SIZE
 
-    report = export_onnx(args.model, args.output, int8=args.int8, graph=args.graph, overwrite=args.overwrite)
-    weights = f"int8 {report.int8}" if report.int8 else "fp32"
+    weights = (
+        "int4" if args.int4 else {None: "fp32", "weight-only": "int8", "dynamic": "int8-dynamic"}[args.int8]
+    )
+    if args.block_size is not None and weights not in ("int8", "int4"):
+        raise ValueError("--block-size is for the weight-only formats: add --int8 or --int4")
+    report = export_onnx(
+        args.model,
+        args.output,
+        weights=weights,
+        block_size=args.block_size or BLOCK_SIZE,
+        graph=args.graph,
+        overwrite=args.overwrite,
+    )
+    blocks = f" weight-only, blocks of {report.block_size}" if report.block_size else ""
     print(
-        f"exported {args.model} to {args.output}: {report.graph} graph, {weights}, "
+        f"exported {args.model} to {args.output}: {report.graph} graph, {report.weights}{blocks}, "
         f"{report.onnx_bytes / 1e6:.1f} MB, {report.factorized_linears} factorized linears kept as two thin MatMuls, "
         f"logits within {report.logits_max_abs_diff:.2g} of PyTorch (max |logit| {report.logits_max_abs:.3g}), "
         f"{report.seconds:.1f} s"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..allocation import RankPlan, plan_by_damage, plan_model
+from ..allocation import RankPlan, model_ratio, plan_by_damage, plan_model
 from ..calibration.data import CalibrationSet
 from ..calibration.sensitivity import measure_damage
 from ..calibration.statistics import CrossMoments, LinearStatistics, collect_block_statistics
@@ -43,10 +43,12 @@ def plan_rom(
             raise ValueError("allocation='adaptive' measures the model on calibration data: pass data")
         sites = find_linear_sites(model, config.target_modules)
         damage = measure_damage(model, data, sites, config.center, progress)
-        return plan_by_damage(sites, count_parameters(model), config.params_ratio, config.center, damage)
+        return plan_by_damage(
+            sites, count_parameters(model), model_ratio(config, model), config.center, damage
+        )
     return plan_model(
         model,
-        config.params_ratio,
+        model_ratio(config, model),
         config.center,
         config.allocation,
         config.target_modules,

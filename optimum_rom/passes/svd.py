@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..allocation import RankPlan, plan_model
+from ..allocation import RankPlan, model_ratio, plan_model
 from ..configs.svd import SvdConfig
 from ..layers import FactorizedLinear
 from ..structure import set_module
@@ -22,7 +22,7 @@ from .base import CompressionPass, PassData
 def plan_svd(model: nn.Module, config: SvdConfig, data: None = None, progress: bool = True) -> RankPlan:
     return plan_model(
         model,
-        config.params_ratio,
+        model_ratio(config, model),
         False,
         config.allocation,
         config.target_modules,

@@ -206,13 +206,25 @@ try:
             parser.add_argument(
                 "--output", required=True, help="directory for model.onnx, config and tokenizer"
             )
-            parser.add_argument(
+            weights = parser.add_mutually_exclusive_group()
+            weights.add_argument(
                 "--int8",
                 nargs="?",
                 const="weight-only",
                 default=None,
                 choices=["weight-only", "dynamic"],
                 help="int8 weights: weight-only (default when given; MatMulNBits) or dynamic (optimum's ORTQuantizer)",
+            )
+            weights.add_argument(
+                "--int4",
+                action="store_true",
+                help="4-bit weight-only weights (MatMulNBits, GatherBlockQuantized)",
+            )
+            parser.add_argument(
+                "--block-size",
+                type=int,
+                default=None,
+                help="--int8 / --int4: inputs per quantization block, a power of two >= 16 (default 32; one float scale each)",
             )
             parser.add_argument(
                 "--graph",

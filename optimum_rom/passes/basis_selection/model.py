@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from ...allocation import RankPlan, plan_uniform
+from ...allocation import RankPlan, model_ratio, plan_uniform
 from ...calibration import collect_block_statistics, walk_blocks
 from ...configs import BasisSelectionConfig
 from ...integrations.peft import merge_adapters
@@ -30,7 +30,7 @@ def plan_basis_selection(
     head = untied_output_head(model) if config.include_lm_head else None
     if head is not None:
         sites.append(head)
-    return plan_uniform(sites, count_parameters(model), config.params_ratio, with_bias=False)
+    return plan_uniform(sites, count_parameters(model), model_ratio(config, model), with_bias=False)
 
 
 def untied_output_head(model: nn.Module) -> LinearSite | None:

@@ -1,19 +1,29 @@
-"""int8 weights for an exported ONNX model, two ways.
+"""Quantized weights for an exported ONNX model: 8- or 4-bit weight-only, or dynamic int8.
 
-``weight-only`` (the default): every MatMul with a constant weight becomes onnxruntime's
-``MatMulNBits`` (8 bits, symmetric, one scale per block of 32 input features) and the
-embedding table becomes ``GatherBlockQuantized``. Activations stay float and are only
-quantized block by block inside the kernel, so quality is that of the fp32 model within a
-fraction of a percent. A tied embedding/lm_head table is quantized once and shared.
+Weight-only (``int8`` / ``int4``, the recommended formats): every linear becomes onnxruntime's
+``MatMulNBits`` (symmetric, one float scale per block of ``block_size`` input features) and the
+embedding table ``GatherBlockQuantized``. Activations stay float (the kernel quantizes them block
+by block at accuracy level 4), so int8 keeps the fp32 quality within a fraction of a percent.
 
-``dynamic``: optimum's ``ORTQuantizer`` in dynamic mode (int8 per-channel weights,
-activations quantized per tensor at run time to uint8). That is onnxruntime's classic
-recipe; on small LLMs the per-tensor activation scale is set by a few outlier features and
-perplexity degrades badly (see the README's measurements), which is why it is not the default.
+onnxruntime's ``MatMulNBitsQuantizer`` does the bulk: every MatMul by a constant weight (the
+decoder linears, both factors of a factorized one, an untied lm_head). What it cannot do is done
+here, by ``_WeightOnlyRewriter``:
+
+- the embedding table at 8 bits (its Gather quantization is 4-bit only);
+- a tied lm_head, which reads the table through a ``Transpose`` the quantizer skips; the table is
+  quantized once and read by both ``GatherBlockQuantized`` and the head's ``MatMulNBits`` (the
+  quantizer would store it twice: 28M of SmolLM2's 134.5M parameters);
+- ``Gemm`` with a bias (the fused graph's Qwen q/k/v), folded into ``MatMulNBits``' bias input.
+
+``int8-dynamic``: optimum's ``ORTQuantizer`` in dynamic mode (int8 per-channel weights,
+activations quantized per tensor at run time to uint8). That is onnxruntime's classic recipe; on
+small LLMs the per-tensor activation scale is set by a few outlier features and perplexity
+degrades badly (see the README's measurements), which is why it is not the default.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,35 +32,76 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from tqdm.auto import tqdm
 
-INT8_METHODS = ("weight-only", "dynamic")
+WEIGHT_FORMATS = ("fp32", "int8", "int4", "int8-dynamic")
+BITS = {"int8": 8, "int4": 4}
 BLOCK_SIZE = 32
 # MatMulNBits accuracy level 4: the kernel quantizes each block of activations to int8 and uses
 # integer dot products (fast on VNNI / dot-product CPUs); the scales keep the error per block.
 ACCURACY_LEVEL = 4
 MS_DOMAIN = "com.microsoft"
+QUANTIZER_LOGGER = "onnxruntime.quantization.matmul_nbits_quantizer"
 
 
-def quantize_blockwise(weight: np.ndarray, block_size: int = BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """``(packed, scales)`` of ``weight`` (out x in), symmetric 8-bit per block of ``block_size`` inputs.
+def check_block_size(block_size: int) -> None:
+    """MatMulNBits and GatherBlockQuantized take a power of two of at least 16 inputs per block."""
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16 (16, 32, 64, 128, ...), got {block_size}")
 
-    ``packed`` is uint8 ``(out, blocks, block_size)`` holding ``q + 128`` (onnxruntime's default zero
-    point for 8 bits), ``scales`` is ``(out, blocks)``; the input dimension is zero-padded to whole blocks.
+
+def quantize_blockwise(
+    weight: np.ndarray, bits: int = 8, block_size: int = BLOCK_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(packed, scales)`` of ``weight`` (out x in), symmetric ``bits``-bit per block of ``block_size`` inputs.
+
+    ``packed`` is uint8 ``(out, blocks, block_size * bits / 8)`` holding ``q + 2**(bits-1)``
+    (onnxruntime's default zero point), two 4-bit values per byte low nibble first; ``scales`` is
+    ``(out, blocks)``. The input dimension is zero-padded to whole blocks.
     """
     rows, columns = weight.shape
     blocks = -(-columns // block_size)
     padded = np.zeros((rows, blocks * block_size), np.float32)
     padded[:, :columns] = weight
     padded = padded.reshape(rows, blocks, block_size)
-    scales = np.abs(padded).max(axis=-1) / 127.0
+    largest = 2 ** (bits - 1) - 1
+    scales = np.abs(padded).max(axis=-1) / largest
     scales[scales == 0] = 1.0
-    quantized = np.clip(np.rint(padded / scales[..., None]), -127, 127)
-    return (quantized + 128).astype(np.uint8), scales.astype(np.float32)
+    quantized = np.clip(np.rint(padded / scales[..., None]), -largest, largest) + 2 ** (bits - 1)
+    quantized = quantized.astype(np.uint8)
+    if bits == 4:
+        quantized = quantized[..., 0::2] | (quantized[..., 1::2] << 4)
+    return quantized, scales.astype(np.float32)
 
 
-def quantize_weights_int8(model: onnx.ModelProto, progress: bool = True) -> onnx.ModelProto:
-    """Rewrite ``model`` in place: constant-weight MatMuls -> MatMulNBits, embeddings -> GatherBlockQuantized."""
-    _WeightOnlyRewriter(model).run(progress)
-    return model
+def quantize_weights(
+    model: onnx.ModelProto, bits: int = 8, block_size: int = BLOCK_SIZE, progress: bool = True
+) -> onnx.ModelProto:
+    """``bits``-bit weight-only ``model``: linears -> MatMulNBits, the embedding -> GatherBlockQuantized."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    if bits not in BITS.values():
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    check_block_size(block_size)
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=block_size,
+        is_symmetric=True,
+        accuracy_level=ACCURACY_LEVEL,
+        bits=bits,
+        op_types_to_quantize=("MatMul",),
+    )
+    logger = logging.getLogger(QUANTIZER_LOGGER)
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # it logs every node it visits at INFO
+    try:
+        quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+        quantizer.process()
+    finally:
+        logger.setLevel(level)
+    quantized = quantizer.model.model
+    _WeightOnlyRewriter(quantized, bits, block_size).run(progress)
+    return quantized
 
 
 def constant_weight(
@@ -88,8 +139,11 @@ def constant_weight(
 
 
 class _WeightOnlyRewriter:
-    def __init__(self, model: onnx.ModelProto) -> None:
+    """What ``MatMulNBitsQuantizer`` leaves in float: the embedding table (shared with a tied head) and Gemms."""
+
+    def __init__(self, model: onnx.ModelProto, bits: int, block_size: int) -> None:
         self.model = model
+        self.bits, self.block_size = bits, block_size
         self.graph = model.graph
         self.initializers = {init.name: init for init in self.graph.initializer}
         self.producers = {out: node for node in self.graph.node for out in node.output}
@@ -105,7 +159,7 @@ class _WeightOnlyRewriter:
     def run(self, progress: bool) -> None:
         nodes = list(self.graph.node)
         candidates = [i for i, n in enumerate(nodes) if n.op_type in ("MatMul", "Gemm", "Gather")]
-        for index in tqdm(candidates, desc="int8 weights", unit="node", disable=not progress):
+        for index in tqdm(candidates, desc=f"int{self.bits} weights", unit="node", disable=not progress):
             node = nodes[index]
             if node.op_type == "Gather":
                 self.rewrite_gather(index, node)
@@ -124,15 +178,15 @@ class _WeightOnlyRewriter:
         if key not in self.packed:
             matrix = numpy_helper.to_array(self.initializers[source])
             weight = matrix.T if transposed else matrix
-            data, scales = quantize_blockwise(weight)
+            data, scales = quantize_blockwise(weight, self.bits, self.block_size)
             base = f"{source}.T" if transposed else source
             self.graph.initializer.extend(
                 [
-                    numpy_helper.from_array(data, f"{base}.int8"),
+                    numpy_helper.from_array(data, f"{base}.int{self.bits}"),
                     numpy_helper.from_array(scales, f"{base}.scales"),
                 ]
             )
-            self.packed[key] = (f"{base}.int8", f"{base}.scales", weight.shape[0], weight.shape[1])
+            self.packed[key] = (f"{base}.int{self.bits}", f"{base}.scales", weight.shape[0], weight.shape[1])
         return self.packed[key]
 
     def rewrite_linear(self, index: int, node: onnx.NodeProto) -> None:
@@ -162,8 +216,8 @@ class _WeightOnlyRewriter:
                 domain=MS_DOMAIN,
                 K=columns,
                 N=rows,
-                bits=8,
-                block_size=BLOCK_SIZE,
+                bits=self.bits,
+                block_size=self.block_size,
                 accuracy_level=ACCURACY_LEVEL,
             )
         ]
@@ -182,18 +236,18 @@ class _WeightOnlyRewriter:
         return bias is not None and bias.data_type == TensorProto.FLOAT and list(bias.dims) == [rows]
 
     def rewrite_gather(self, index: int, node: onnx.NodeProto) -> None:
-        """An embedding lookup in a float table -> GatherBlockQuantized on the int8 table."""
+        """An embedding lookup in a float table -> GatherBlockQuantized on the quantized table."""
         table = self.initializers.get(node.input[0])
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
         if table is None or table.data_type != TensorProto.FLOAT or len(table.dims) != 2 or axis != 0:
             return
-        if table.dims[1] % BLOCK_SIZE:
+        if table.dims[1] % self.block_size:
             return
         data, scales, rows, columns = self.pack(node.input[0], transposed=False)
         scope = node.name or "/" + node.output[0]  # new nodes are named <gather name>/<op>: unique
         shape_3d, width = f"{scales}.shape_3d", f"{scales}.row_width"
         if shape_3d not in self.initializers:
-            blocks = columns // BLOCK_SIZE
+            blocks = columns // self.block_size
             for name, value in ((shape_3d, [rows, blocks, 1]), (width, [columns])):
                 self.initializers[name] = numpy_helper.from_array(np.array(value), name)
                 self.graph.initializer.append(self.initializers[name])
@@ -210,8 +264,8 @@ class _WeightOnlyRewriter:
                 domain=MS_DOMAIN,
                 gather_axis=0,
                 quantize_axis=2,
-                block_size=BLOCK_SIZE,
-                bits=8,
+                block_size=self.block_size,
+                bits=self.bits,
             ),
             helper.make_node("Shape", [node.input[1]], [indices_shape], name=f"{scope}/Shape"),
             helper.make_node(
@@ -262,9 +316,11 @@ def quantize_dynamic_with_ort_quantizer(onnx_dir: Path, save_dir: Path) -> None:
 
 
 __all__ = [
-    "INT8_METHODS",
+    "BITS",
+    "WEIGHT_FORMATS",
+    "check_block_size",
     "constant_weight",
     "quantize_blockwise",
     "quantize_dynamic_with_ort_quantizer",
-    "quantize_weights_int8",
+    "quantize_weights",
 ]
