@@ -237,8 +237,14 @@ def _ends_a_line(path: Path) -> bool:
 
 
 def weights_identity(model) -> str:
-    """A digest of a model's architecture and weights (bytes of every parameter and buffer)."""
+    """A digest of a model's architecture and weights (bytes of every parameter and buffer; of the
+    graph files for an onnxruntime model)."""
     digest = hashlib.sha256(model.config.to_json_string().encode())
+    if not isinstance(model, torch.nn.Module):
+        graph = Path(model.path)
+        for file in sorted(graph.parent.glob(f"{graph.name}*")):  # model.onnx and its external data
+            digest.update(file.read_bytes())
+        return digest.hexdigest()
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

@@ -7,6 +7,8 @@ narrow one: the batch is the main lever on generation speed.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from tqdm.auto import tqdm
 
@@ -20,6 +22,21 @@ def end_of_turn_ids(model, tokenizer) -> set[int]:
     if configured is None:
         return set()
     return {configured} if isinstance(configured, int) else set(configured)
+
+
+@contextmanager
+def evaluating(model):
+    """``model.eval()`` for the duration, its training flag restored after (onnxruntime models,
+    which are not ``nn.Module`` s, have neither and pass through)."""
+    if not isinstance(model, torch.nn.Module):
+        yield model
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def generate_tokens(
@@ -50,11 +67,9 @@ def generate_tokens(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[list[int]] = [[] for _ in prompts]
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    was_training = model.training
-    model.eval()
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
     greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    try:
+    with evaluating(model):
         for number, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress)):
             width = max(len(prompts[i]) for i in batch)
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -78,8 +93,6 @@ def generate_tokens(
                 )
             for row, index in enumerate(batch):
                 outputs[index] = _until_stop(generated[row, width:].tolist(), stops)
-    finally:
-        model.train(was_training)
     return outputs
 
 

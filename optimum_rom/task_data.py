@@ -178,10 +178,14 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     tokens they predict (``IGNORE_INDEX`` where a row has none there).
 
     Logits are computed only at those positions (transformers' ``logits_to_keep``), which skips the
-    vocabulary projection, the costliest matmul of a small model, on the prompts.
+    vocabulary projection, the costliest matmul of a small model, on the prompts; an onnxruntime
+    model computes them all and the positions are picked after.
     """
     targets = batch["labels"][:, 1:]
     positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    if not isinstance(model, torch.nn.Module):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return logits[:, positions], targets[:, positions]
     logits = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],

@@ -112,23 +112,33 @@ def test_perplexity_runs_through_onnxruntime_like_through_pytorch(compressed_dir
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # untied and tied embeddings; qwen2's q/k/v are Gemms
 @pytest.mark.parametrize(
-    ("weights", "smaller", "perplexity_change"), [("int8", 2.0, 0.02), ("int4", 3.0, 0.15)]
+    ("weights", "embedding_bits", "smaller", "perplexity_change"),
+    [("int8", 8, 2.0, 0.02), ("int4", 8, 2.5, 0.15), ("int4", 4, 3.0, 0.15)],
 )
 def test_weight_only_quantizes_every_linear_and_the_embedding_once(
-    arch, weights, smaller, perplexity_change, compressed_dir, calibration_file, tmp_path
+    arch, weights, embedding_bits, smaller, perplexity_change, compressed_dir, calibration_file, tmp_path
 ):
     checkpoint = compressed_dir(arch)
     fp32 = export_onnx(checkpoint, tmp_path / "fp32", progress=False)
-    quantized = export_onnx(checkpoint, tmp_path / weights, weights=weights, progress=False)
+    quantized = export_onnx(
+        checkpoint, tmp_path / weights, weights=weights, embedding_bits=embedding_bits, progress=False
+    )
 
     assert quantized.weights == weights and quantized.block_size == 32
     graph = onnx.load(str(tmp_path / weights / "model.onnx")).graph
     ops = [node.op_type for node in graph.node]
     assert ops.count("MatMulNBits") == 2 * 21 + 1 and "MatMul" not in ops and "Gemm" not in ops  # + lm_head
-    assert {
-        a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"
-    } == {int(weights[-1])}
     assert ops.count("GatherBlockQuantized") == 1
+    bits = {
+        node.name: next(a.i for a in node.attribute if a.name == "bits")
+        for node in graph.node
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized")
+    }
+    linear_bits = int(weights[-1])
+    assert {b for name, b in bits.items() if name.startswith("/model/layers.")} == {linear_bits}
+    assert [b for name, b in bits.items() if "embed_tokens" in name] == [embedding_bits]
+    head = next(b for name, b in bits.items() if name.startswith("/lm_head"))
+    assert head == (embedding_bits if arch == "qwen2" else linear_bits)  # a tied head reads the table
     float_matrices = [
         i.name
         for i in graph.initializer
@@ -280,3 +290,25 @@ def test_the_chat_example_runs_on_onnxruntime_alone(graph, compressed_dir, tmp_p
         [t for t in generated.tolist() if t != pytorch.generation_config.eos_token_id]
     )
     assert result.stdout.startswith(expected + "\n")
+
+
+def test_the_chat_task_scores_an_export_against_the_pytorch_model_it_came_from(
+    chat_tokenizer, model_dir, tmp_path
+):
+    from optimum_rom.evaluation import EvaluationOptions
+    from optimum_rom.evaluation.suite import evaluate_model
+
+    dense = model_dir("llama", with_tokenizer=chat_tokenizer)
+    export_onnx(dense, tmp_path / "fp32", progress=False)
+    export_onnx(dense, tmp_path / "int4", weights="int4", progress=False)
+    options = EvaluationOptions(limit=4, max_new_tokens=6, progress=False)
+
+    reference = evaluate_model(dense, ["chat"], options=options)["tasks"]["chat"]
+    fp32 = evaluate_model(tmp_path / "fp32", ["chat"], options=options)["tasks"]["chat"]
+    # Teacher-forced, the graph scores the dense answers as PyTorch does. (Free-running answers can
+    # part on a near-tie of this random model's logits: left-padded rows see other absolute positions.)
+    assert fp32["token_agreement"] == 1.0 and fp32["answer_tokens"] == reference["answer_tokens"]
+    assert fp32["answer_ce"] == pytest.approx(reference["answer_ce"], rel=1e-4)
+    assert fp32["agreement"] >= 0.5
+    int4 = evaluate_model(tmp_path / "int4", ["chat"], options=options)["tasks"]["chat"]
+    assert int4["items"] == 4 and int4["answer_ce"] > 0 and 0 <= int4["token_agreement"] <= 1

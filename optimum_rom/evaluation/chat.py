@@ -32,6 +32,7 @@ from ..chat import (
     cached_answers,
     weights_identity,
 )
+from ..generation import evaluating
 from ..task_data import IGNORE_INDEX, answer_logits, collate
 
 PREFIX_TOKENS = 16
@@ -99,14 +100,11 @@ def _teacher_forced(
     ]
     examples.sort(key=lambda e: len(e["input_ids"]))  # similar lengths together: less padding
     nll, matches, tokens = 0.0, 0, 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with evaluating(model), torch.no_grad():
         for start in tqdm(range(0, len(examples), batch_size), desc="chat answer loss", disable=not progress):
             logits, targets = answer_logits(model, collate(examples[start : start + batch_size]))
             scored = targets != IGNORE_INDEX
             nll += F.cross_entropy(logits[scored].float(), targets[scored], reduction="sum").item()
             matches += int((logits[scored].argmax(-1) == targets[scored]).sum())
             tokens += int(scored.sum())
-    model.train(was_training)
     return nll, matches, tokens

@@ -153,12 +153,14 @@ def _chat(context: EvaluationContext, prompts: Path) -> dict[str, Any]:
 
 def reference_answerer(model, reference: str | None) -> Answerer:
     """The dense model the chat task compares with: ``reference``, else the one a compressed checkpoint
-    records, else (a dense model) the model itself."""
+    records, else the PyTorch model an ONNX export was made from, else (a dense model) the model itself."""
     from ..model_sources import load_model
 
     quantization = getattr(model.config, "quantization_config", None)
     if reference is None and quantization is None:
-        return Answerer(weights_identity(model), lambda: model)
+        reference = getattr(model.config, "exported_from", None)
+        if reference is None:
+            return Answerer(weights_identity(model), lambda: model)
     if reference is None:
         reference = (quantization if isinstance(quantization, dict) else vars(quantization)).get(
             "source_model"
@@ -199,6 +201,8 @@ TASKS: dict[str, Task] = {
 ZERO_SHOT_TASKS = tuple(MULTIPLE_CHOICE_TASKS)
 ANSWER_LOSS_TASKS = ("gsm8k_loss", "code_loss")
 SINGLE_FILE_TASKS = (*ANSWER_LOSS_TASKS, "chat")  # whose one data file --task-data may replace
+# What an onnxruntime model (an `optimum-cli rom export` directory) can be scored on: a forward and generate.
+ONNX_TASKS = {"wikitext2", "chat"}
 
 
 def parse_tasks(tasks: str | list[str]) -> list[str]:
@@ -314,9 +318,9 @@ def evaluate_model(
     task_files(names, data_dir, files)
     started = time.perf_counter()
     onnx = is_onnx_model_dir(source)
-    if onnx and set(names) != {"wikitext2"}:
+    if onnx and not set(names) <= ONNX_TASKS:
         raise ValueError(
-            f"ONNX models are evaluated on wikitext2 only (asked for {', '.join(names)}); "
+            f"ONNX models are evaluated on {' and '.join(sorted(ONNX_TASKS))} (asked for {', '.join(names)}); "
             "evaluate the PyTorch checkpoint for the other tasks"
         )
     model, tokenizer = load_onnx_model(source) if onnx else load_model(source)

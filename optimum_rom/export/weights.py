@@ -9,7 +9,8 @@ onnxruntime's ``MatMulNBitsQuantizer`` does the bulk: every MatMul by a constant
 decoder linears, both factors of a factorized one, an untied lm_head). What it cannot do is done
 here, by ``_WeightOnlyRewriter``:
 
-- the embedding table at 8 bits (its Gather quantization is 4-bit only);
+- the embedding table at 8 bits (its Gather quantization is 4-bit only), which is also the default
+  under 4-bit linears (``embedding_bits``): the table is a small model's most sensitive weight;
 - a tied lm_head, which reads the table through a ``Transpose`` the quantizer skips; the table is
   quantized once and read by both ``GatherBlockQuantized`` and the head's ``MatMulNBits`` (the
   quantizer would store it twice: 28M of SmolLM2's 134.5M parameters);
@@ -73,16 +74,25 @@ def quantize_blockwise(
 
 
 def quantize_weights(
-    model: onnx.ModelProto, bits: int = 8, block_size: int = BLOCK_SIZE, progress: bool = True
+    model: onnx.ModelProto,
+    bits: int = 8,
+    block_size: int = BLOCK_SIZE,
+    embedding_bits: int | None = None,
+    progress: bool = True,
 ) -> onnx.ModelProto:
-    """``bits``-bit weight-only ``model``: linears -> MatMulNBits, the embedding -> GatherBlockQuantized."""
+    """``bits``-bit weight-only ``model``: linears -> MatMulNBits, the embedding -> GatherBlockQuantized.
+
+    ``embedding_bits`` (default ``bits``) is the embedding table's, and a tied lm_head's, which read it.
+    """
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
 
-    if bits not in BITS.values():
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    embedding_bits = embedding_bits or bits
+    for name, value in (("bits", bits), ("embedding_bits", embedding_bits)):
+        if value not in BITS.values():
+            raise ValueError(f"{name} must be 4 or 8, got {value}")
     check_block_size(block_size)
     config = DefaultWeightOnlyQuantConfig(
         block_size=block_size,
@@ -100,7 +110,7 @@ def quantize_weights(
     finally:
         logger.setLevel(level)
     quantized = quantizer.model.model
-    _WeightOnlyRewriter(quantized, bits, block_size).run(progress)
+    _WeightOnlyRewriter(quantized, bits, embedding_bits, block_size).run(progress)
     return quantized
 
 
@@ -141,9 +151,10 @@ def constant_weight(
 class _WeightOnlyRewriter:
     """What ``MatMulNBitsQuantizer`` leaves in float: the embedding table (shared with a tied head) and Gemms."""
 
-    def __init__(self, model: onnx.ModelProto, bits: int, block_size: int) -> None:
+    def __init__(self, model: onnx.ModelProto, bits: int, table_bits: int, block_size: int) -> None:
         self.model = model
-        self.bits, self.block_size = bits, block_size
+        self.bits, self.table_bits, self.block_size = bits, table_bits, block_size
+        self.tables = {node.input[0] for node in model.graph.node if node.op_type == "Gather"}
         self.graph = model.graph
         self.initializers = {init.name: init for init in self.graph.initializer}
         self.producers = {out: node for node in self.graph.node for out in node.output}
@@ -159,7 +170,9 @@ class _WeightOnlyRewriter:
     def run(self, progress: bool) -> None:
         nodes = list(self.graph.node)
         candidates = [i for i, n in enumerate(nodes) if n.op_type in ("MatMul", "Gemm", "Gather")]
-        for index in tqdm(candidates, desc=f"int{self.bits} weights", unit="node", disable=not progress):
+        for index in tqdm(
+            candidates, desc=f"int{self.bits} weights (the rest)", unit="node", disable=not progress
+        ):
             node = nodes[index]
             if node.op_type == "Gather":
                 self.rewrite_gather(index, node)
@@ -172,21 +185,23 @@ class _WeightOnlyRewriter:
         if not any(opset.domain == MS_DOMAIN for opset in self.model.opset_import):
             self.model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
-    def pack(self, source: str, transposed: bool) -> tuple[str, str, int, int]:
-        """Quantize a weight once, however many nodes read it: ``(data, scales, out, in)``."""
+    def pack(self, source: str, transposed: bool) -> tuple[str, str, int, int, int]:
+        """Quantize a weight once, however many nodes read it: ``(data, scales, out, in, bits)``
+        (an embedding table, which a tied head reads too, at ``table_bits``)."""
         key = (source, transposed)
         if key not in self.packed:
             matrix = numpy_helper.to_array(self.initializers[source])
             weight = matrix.T if transposed else matrix
-            data, scales = quantize_blockwise(weight, self.bits, self.block_size)
+            bits = self.table_bits if source in self.tables else self.bits
+            data, scales = quantize_blockwise(weight, bits, self.block_size)
             base = f"{source}.T" if transposed else source
             self.graph.initializer.extend(
                 [
-                    numpy_helper.from_array(data, f"{base}.int{self.bits}"),
+                    numpy_helper.from_array(data, f"{base}.int{bits}"),
                     numpy_helper.from_array(scales, f"{base}.scales"),
                 ]
             )
-            self.packed[key] = (f"{base}.int{self.bits}", f"{base}.scales", weight.shape[0], weight.shape[1])
+            self.packed[key] = (f"{base}.int{bits}", f"{base}.scales", weight.shape[0], weight.shape[1], bits)
         return self.packed[key]
 
     def rewrite_linear(self, index: int, node: onnx.NodeProto) -> None:
@@ -194,7 +209,7 @@ class _WeightOnlyRewriter:
         found = constant_weight(node, self.initializers, self.producers)
         if found is None:
             return
-        data, scales, rows, columns = self.pack(*found)
+        data, scales, rows, columns, bits = self.pack(*found)
         inputs, output = [node.input[0], data, scales], node.output[0]
         bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
         if bias and not self.is_bias(bias, rows):
@@ -216,7 +231,7 @@ class _WeightOnlyRewriter:
                 domain=MS_DOMAIN,
                 K=columns,
                 N=rows,
-                bits=self.bits,
+                bits=bits,
                 block_size=self.block_size,
                 accuracy_level=ACCURACY_LEVEL,
             )
@@ -243,7 +258,7 @@ class _WeightOnlyRewriter:
             return
         if table.dims[1] % self.block_size:
             return
-        data, scales, rows, columns = self.pack(node.input[0], transposed=False)
+        data, scales, rows, columns, bits = self.pack(node.input[0], transposed=False)
         scope = node.name or "/" + node.output[0]  # new nodes are named <gather name>/<op>: unique
         shape_3d, width = f"{scales}.shape_3d", f"{scales}.row_width"
         if shape_3d not in self.initializers:
@@ -265,7 +280,7 @@ class _WeightOnlyRewriter:
                 gather_axis=0,
                 quantize_axis=2,
                 block_size=self.block_size,
-                bits=self.bits,
+                bits=bits,
             ),
             helper.make_node("Shape", [node.input[1]], [indices_shape], name=f"{scope}/Shape"),
             helper.make_node(

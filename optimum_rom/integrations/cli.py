@@ -196,6 +196,7 @@ def export(args: Namespace) -> None:
         args.output,
         weights=weights,
         block_size=args.block_size or BLOCK_SIZE,
+        embedding_bits=args.embedding_bits,
         graph=args.graph,
         overwrite=args.overwrite,
     )

@@ -221,6 +221,13 @@ try:
                 help="4-bit weight-only weights (MatMulNBits, GatherBlockQuantized)",
             )
             parser.add_argument(
+                "--embedding-bits",
+                type=int,
+                default=8,
+                choices=[4, 8],
+                help="--int4: bits of the embedding table and a tied lm_head (default 8: the most sensitive weights)",
+            )
+            parser.add_argument(
                 "--block-size",
                 type=int,
                 default=None,
