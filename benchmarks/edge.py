@@ -15,8 +15,8 @@ benchmark's ``rom-auto-mix50``) it exports ``optimum-cli rom export`` directorie
 - prefill and decode tokens/s at every ``--threads`` count, each configuration in its own process
   with onnxruntime only (``examples/onnx_chat.py``'s runtime), interleaved over ``--repeats``
   (median kept) so load from other processes hits all alike;
-- the machine's memory bandwidth in the same run (onnxruntime summing a 256 MB tensor at the same
-  thread count), and from it each model's decode bound: bytes a decode step must read (the weights,
+- the machine's memory bandwidth in the same run (onnxruntime reading 256 MB at the same thread
+  count: a ReduceSum and a one-row MatMul, the better of the two), and from it each model's decode bound: bytes a decode step must read (the weights,
   except tables read one row at a time, plus the KV cache at the mean decode position) over the
   bandwidth.
 
@@ -96,35 +96,50 @@ def speed_worker(directory: Path, threads: int, prompt_tokens: int, new_tokens: 
 
 
 def bandwidth_worker(threads: int) -> dict:
-    """Read bandwidth as onnxruntime sees it: the best of 5 ReduceSums over a 256 MB float tensor."""
+    """Read bandwidth as onnxruntime sees it, the better of two 256 MB probes (best of 5 runs each): a
+    ReduceSum over a float tensor and a float MatMul of one row by a constant matrix (a decode GEMV)."""
     import numpy as np
-    import onnx
     import onnxruntime
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
-    graph = helper.make_graph(
-        [helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)],
-        "bandwidth",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = onnxruntime.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    data = np.ones(BANDWIDTH_BYTES // 4, np.float32)
-    session.run(None, {"x": data})
-    best = min(_timed(lambda: session.run(None, {"x": data})) for _ in range(5))
-    del onnx
-    return {"bandwidth_gb_per_s": BANDWIDTH_BYTES / best / 1e9}
+    rows, columns = 4096, BANDWIDTH_BYTES // 4 // 4096
+    matrix = numpy_helper.from_array(np.full((rows, columns), 0.01, np.float32), "w")
+    probes = {
+        "reduce_sum": (
+            [helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)],
+            [],
+            np.ones(BANDWIDTH_BYTES // 4, np.float32),
+        ),
+        "gemv": ([helper.make_node("MatMul", ["x", "w"], ["y"])], [matrix], np.ones((1, rows), np.float32)),
+    }
+    rates = {}
+    for name, (nodes, initializers, data) in probes.items():
+        graph = helper.make_graph(
+            nodes,
+            name,
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(data.shape))],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            initializers,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 9
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = onnxruntime.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        session.run(None, {"x": data})
+        feed = {"x": data}
+        rates[name] = BANDWIDTH_BYTES / min(_timed(session.run, None, feed) for _ in range(5)) / 1e9
+    return {
+        **{f"{name}_gb_per_s": rate for name, rate in rates.items()},
+        "bandwidth_gb_per_s": max(rates.values()),
+    }
 
 
-def _timed(function) -> float:
+def _timed(function, *args) -> float:
     started = time.perf_counter()
-    function()
+    function(*args)
     return time.perf_counter() - started
 
 
