@@ -51,15 +51,17 @@ class Variant:
     checkpoint: str  # "dense" or a ROM ratio such as "0.8"
     weights: str = "fp32"
     graph: str = "fused"
+    block_size: int = 32
 
     @property
     def name(self) -> str:
         model = "dense" if self.checkpoint == "dense" else f"ROM {self.checkpoint}"
-        return f"{model} {self.weights}" + (" (stock graph)" if self.graph != "fused" else "")
+        blocks = f"/{self.block_size}" if self.block_size != 32 else ""
+        return f"{model} {self.weights}{blocks}" + (" (stock graph)" if self.graph != "fused" else "")
 
     @property
     def directory_name(self) -> str:
-        return self.name.replace(" ", "_").replace("(", "").replace(")", "")
+        return self.name.replace(" ", "_").replace("(", "").replace(")", "").replace("/", "_b")
 
 
 # -- workers: one configuration, onnxruntime only -----------------------------------------------
@@ -160,6 +162,7 @@ def run_worker(args, *worker_args: str) -> dict:
 # -- phases -------------------------------------------------------------------------------------
 def variants_for(args) -> list[Variant]:
     variants = [Variant(c, w) for c in ["dense", *args.ratios] for w in args.weights]
+    variants += [Variant("dense", "int4", block_size=size) for size in args.dense_int4_blocks]
     if args.dynamic:
         variants += [Variant(c, "int8-dynamic") for c in ["dense", *args.ratios]]
     if args.stock:
@@ -210,7 +213,10 @@ def export_variants(args, variants: list[Variant], checkpoints: dict[str, dict])
         report_file = path / "export_report.json"
         if not report_file.is_file():
             source = checkpoints[variant.checkpoint]["path"]
-            report = export_onnx(source, path, weights=variant.weights, graph=variant.graph, overwrite=True)
+            report = export_onnx(
+                source, path, weights=variant.weights, block_size=variant.block_size, graph=variant.graph,
+                overwrite=True,
+            )  # fmt: skip
             report_file.write_text(json.dumps(report.to_dict(), indent=2))
             print(f"exported {variant.name}: {report.onnx_bytes / 1e6:.1f} MB in {report.seconds:.0f} s")
         exports[variant.name] = {**json.loads(report_file.read_text()), **decode_bytes(path / "model.onnx")}
@@ -449,7 +455,7 @@ def plot(results: dict, path: Path) -> None:
         points = {n: (exports[n]["onnx_bytes"] / 1e6, quality[n][metric]) for n in names}
         front = pareto_front(points)
         for name, (size, value) in points.items():
-            weights = name.split()[-1]
+            weights = name.split()[-1].split("/")[0]
             axis.scatter(size, value, color=colors.get(weights, "black"), marker="o" if name.startswith("ROM") else "s",
                          s=60, edgecolors="black" if name in front else "none", linewidths=1.5)  # fmt: skip
             axis.annotate(name.replace(" fp32", "").replace(" int", " i"), (size, value), fontsize=7,
@@ -488,6 +494,10 @@ def main() -> None:
     parser.add_argument(
         "--weights", nargs="+", default=["fp32", "int8", "int4"], choices=["fp32", "int8", "int4"]
     )
+    parser.add_argument(
+        "--dense-int4-blocks", nargs="*", type=int, default=[64],
+        help="also the dense model in int4 with these block sizes (fewer scales: smaller, less exact)",
+    )  # fmt: skip
     parser.add_argument("--dynamic", action="store_true", help="also int8 dynamic (optimum's ORTQuantizer)")
     parser.add_argument(
         "--stock", action="store_true", help="also fp32 through the stock optimum-cli exporter"
