@@ -52,12 +52,14 @@ class Variant:
     weights: str = "fp32"
     graph: str = "fused"
     block_size: int = 32
+    embedding_bits: int = 8
 
     @property
     def name(self) -> str:
         model = "dense" if self.checkpoint == "dense" else f"ROM {self.checkpoint}"
         blocks = f"/{self.block_size}" if self.block_size != 32 else ""
-        return f"{model} {self.weights}{blocks}" + (" (stock graph)" if self.graph != "fused" else "")
+        table = " e4" if self.embedding_bits == 4 else ""
+        return f"{model} {self.weights}{blocks}{table}" + (" (stock graph)" if self.graph != "fused" else "")
 
     @property
     def directory_name(self) -> str:
@@ -163,6 +165,9 @@ def run_worker(args, *worker_args: str) -> dict:
 def variants_for(args) -> list[Variant]:
     variants = [Variant(c, w) for c in ["dense", *args.ratios] for w in args.weights]
     variants += [Variant("dense", "int4", block_size=size) for size in args.dense_int4_blocks]
+    variants += [
+        Variant("dense", "int4", block_size=size, embedding_bits=4) for size in args.dense_int4_e4_blocks
+    ]
     if args.dynamic:
         variants += [Variant(c, "int8-dynamic") for c in ["dense", *args.ratios]]
     if args.stock:
@@ -214,8 +219,8 @@ def export_variants(args, variants: list[Variant], checkpoints: dict[str, dict])
         if not report_file.is_file():
             source = checkpoints[variant.checkpoint]["path"]
             report = export_onnx(
-                source, path, weights=variant.weights, block_size=variant.block_size, graph=variant.graph,
-                overwrite=True,
+                source, path, weights=variant.weights, block_size=variant.block_size,
+                embedding_bits=variant.embedding_bits, graph=variant.graph, overwrite=True,
             )  # fmt: skip
             report_file.write_text(json.dumps(report.to_dict(), indent=2))
             print(f"exported {variant.name}: {report.onnx_bytes / 1e6:.1f} MB in {report.seconds:.0f} s")
@@ -455,7 +460,7 @@ def plot(results: dict, path: Path) -> None:
         points = {n: (exports[n]["onnx_bytes"] / 1e6, quality[n][metric]) for n in names}
         front = pareto_front(points)
         for name, (size, value) in points.items():
-            weights = name.split()[-1].split("/")[0]
+            weights = name.split()[1 if name.startswith("dense") else 2].split("/")[0]
             axis.scatter(size, value, color=colors.get(weights, "black"), marker="o" if name.startswith("ROM") else "s",
                          s=60, edgecolors="black" if name in front else "none", linewidths=1.5)  # fmt: skip
             axis.annotate(name.replace(" fp32", "").replace(" int", " i"), (size, value), fontsize=7,
@@ -467,7 +472,7 @@ def plot(results: dict, path: Path) -> None:
         axis.set_xlabel("model.onnx bytes (MB, log scale)")
         axis.set_ylabel(label)
         axis.legend(handles=[plt.Line2D([], [], color=c, marker="o", linestyle="", label=w) for w, c in colors.items()
-                             if any(n.endswith(w) for n in names)] + [plt.Line2D([], [], color="black", linestyle="--",
+                             if any(f" {w}" in n for n in names)] + [plt.Line2D([], [], color="black", linestyle="--",
                              label="Pareto front")])  # fmt: skip
     figure.suptitle(
         "SmolLM2-135M-Instruct on onnxruntime: dense (squares) and ROM (circles) by weight format"
@@ -497,6 +502,10 @@ def main() -> None:
     parser.add_argument(
         "--dense-int4-blocks", nargs="*", type=int, default=[64],
         help="also the dense model in int4 with these block sizes (fewer scales: smaller, less exact)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dense-int4-e4-blocks", nargs="*", type=int, default=[64],
+        help="also the dense model in int4 with the embedding table at 4 bits too, at these block sizes",
     )  # fmt: skip
     parser.add_argument("--dynamic", action="store_true", help="also int8 dynamic (optimum's ORTQuantizer)")
     parser.add_argument(
