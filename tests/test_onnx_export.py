@@ -242,6 +242,7 @@ def test_cli_export_then_evaluate_on_onnxruntime(compressed_dir, calibration_fil
     for wrong, message in (
         (["--int4", "--block-size", "24"], "block_size must be a power of two >= 16"),
         (["--block-size", "64"], "--block-size is for the weight-only formats"),
+        (["--embedding-bits", "4"], "--embedding-bits is for the weight-only formats"),
         (["--int4", "--int8"], "not allowed with argument"),
     ):
         result = run("export", "--model", checkpoint, "--output", tmp_path / "wrong", *wrong)

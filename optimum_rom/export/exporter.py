@@ -28,7 +28,7 @@ from .weights import (
     BITS,
     BLOCK_SIZE,
     WEIGHT_FORMATS,
-    check_block_size,
+    check_weight_options,
     quantize_dynamic_with_ort_quantizer,
     quantize_weights,
 )
@@ -92,7 +92,7 @@ def export_onnx(
     """
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
-    check_block_size(block_size)
+    check_weight_options(BITS.get(weights, 8), block_size, embedding_bits)  # before any work
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
     source = getattr(getattr(model, "config", None), "_name_or_path", None) or model

@@ -46,8 +46,11 @@ MS_DOMAIN = "com.microsoft"
 QUANTIZER_LOGGER = "onnxruntime.quantization.matmul_nbits_quantizer"
 
 
-def check_block_size(block_size: int) -> None:
-    """MatMulNBits and GatherBlockQuantized take a power of two of at least 16 inputs per block."""
+def check_weight_options(bits: int, block_size: int, embedding_bits: int) -> None:
+    """Bits MatMulNBits / GatherBlockQuantized store (4 or 8) and their block: a power of two >= 16."""
+    for name, value in (("bits", bits), ("embedding_bits", embedding_bits)):
+        if value not in BITS.values():
+            raise ValueError(f"{name} must be 4 or 8, got {value}")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16 (16, 32, 64, 128, ...), got {block_size}")
 
@@ -94,10 +97,7 @@ def quantize_weights(
     )
 
     embedding_bits = embedding_bits or bits
-    for name, value in (("bits", bits), ("embedding_bits", embedding_bits)):
-        if value not in BITS.values():
-            raise ValueError(f"{name} must be 4 or 8, got {value}")
-    check_block_size(block_size)
+    check_weight_options(bits, block_size, embedding_bits)
     if bits == 4:
         config = HQQWeightOnlyQuantConfig(block_size=block_size, bits=4, op_types_to_quantize=("MatMul",))
     else:
@@ -340,7 +340,7 @@ def quantize_dynamic_with_ort_quantizer(onnx_dir: Path, save_dir: Path) -> None:
 __all__ = [
     "BITS",
     "WEIGHT_FORMATS",
-    "check_block_size",
+    "check_weight_options",
     "constant_weight",
     "quantize_blockwise",
     "quantize_dynamic_with_ort_quantizer",

@@ -189,14 +189,15 @@ def export(args: Namespace) -> None:
     weights = (
         "int4" if args.int4 else {None: "fp32", "weight-only": "int8", "dynamic": "int8-dynamic"}[args.int8]
     )
-    if args.block_size is not None and weights not in ("int8", "int4"):
-        raise ValueError("--block-size is for the weight-only formats: add --int8 or --int4")
+    for flag, value in (("--block-size", args.block_size), ("--embedding-bits", args.embedding_bits)):
+        if value is not None and weights not in ("int8", "int4"):
+            raise ValueError(f"{flag} is for the weight-only formats: add --int8 or --int4")
     report = export_onnx(
         args.model,
         args.output,
         weights=weights,
         block_size=args.block_size or BLOCK_SIZE,
-        embedding_bits=args.embedding_bits,
+        embedding_bits=args.embedding_bits or 8,
         graph=args.graph,
         overwrite=args.overwrite,
     )

@@ -223,7 +223,7 @@ try:
             parser.add_argument(
                 "--embedding-bits",
                 type=int,
-                default=8,
+                default=None,
                 choices=[4, 8],
                 help="--int4: bits of the embedding table and a tied lm_head (default 8: the most sensitive weights)",
             )
