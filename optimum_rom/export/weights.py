@@ -9,7 +9,10 @@ decoder linears, both factors of a factorized one, an untied lm_head). 8 bits: r
 symmetric, the kernel quantizing activations block by block (accuracy level 4); that keeps the
 fp32 quality within a fraction of a percent. 4 bits: its HQQ algorithm (half-quadratic: a scale and
 a float zero point per block fitted to the weights, no data needed), because round to nearest at 4
-bits loses far more on a small model (SmolLM2: +24% perplexity against +0% for HQQ, blocks of 32).
+bits loses far more on a small model (SmolLM2: +24% perplexity against +0% for HQQ, blocks of 32),
+and so does rounding HQQ's zero points to integers. onnxruntime's CPU kernel has no fast path for
+float zero points (it dequantizes the whole weight on every call: an order of magnitude slower
+than int8), so ``_split_float_zero_points`` rewrites them exactly into a form it runs fast.
 What the quantizer cannot do is done here, by ``_WeightOnlyRewriter``:
 
 - the embedding table at 8 bits (its Gather quantization is 4-bit only), which is also the default
@@ -118,7 +121,75 @@ def quantize_weights(
         logger.setLevel(level)
     quantized = quantizer.model.model
     _WeightOnlyRewriter(quantized, bits, embedding_bits, block_size).run(progress)
+    _split_float_zero_points(quantized)  # last: its float MatMuls are not weights to quantize
     return quantized
+
+
+def _split_float_zero_points(model: onnx.ModelProto) -> None:
+    """Each MatMulNBits with float zero points -> the same product on onnxruntime's fast kernels.
+
+    With ``q`` the stored codes, ``z`` / ``s`` a block's zero point and scale, and ``m`` the default
+    zero point ``2**(bits-1)``: ``x . (q - z) s = x . (q - m) s + sum_block(x) (m - z) s``. The first
+    term is a MatMulNBits without zero points (int8 activations, accuracy level 4); the second is a
+    float MatMul of the input's block sums (``x`` times a constant 0/1 matrix, shared by the linears
+    reading the same input; any ``K``, ragged last block included) by the ``blocks x N`` offsets,
+    stored in the bytes the float zero points took.
+    """
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    block_sums: dict[tuple[str, int, int], str] = {}
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        zero_points = (
+            initializers.get(node.input[3]) if node.op_type == "MatMulNBits" and len(node.input) > 3 else None
+        )
+        if zero_points is None or zero_points.data_type != TensorProto.FLOAT or len(node.input) > 4:
+            nodes.append(node)
+            continue
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        columns, rows, bits, block = (attributes[k] for k in ("K", "N", "bits", "block_size"))
+        blocks = -(-columns // block)
+        scales = numpy_helper.to_array(initializers[node.input[2]]).reshape(rows, blocks)
+        zeros = numpy_helper.to_array(zero_points).reshape(rows, blocks)
+        offsets = f"{node.input[1]}_block_offsets"
+        graph.initializer.append(numpy_helper.from_array(((2 ** (bits - 1) - zeros) * scales).T, offsets))
+        source = node.input[0]
+        key = (source, columns, block)
+        if key not in block_sums:
+            indicator = f"block_indicator_{columns}x{block}"
+            if indicator not in initializers:
+                ones = np.zeros((columns, blocks), np.float32)
+                ones[np.arange(columns), np.arange(columns) // block] = 1.0
+                initializers[indicator] = numpy_helper.from_array(ones, indicator)
+                graph.initializer.append(initializers[indicator])
+            block_sums[key] = f"{source}/block_sums_{block}"
+            nodes.append(
+                helper.make_node("MatMul", [source, indicator], [block_sums[key]], name=block_sums[key])
+            )
+        output = node.output[0]
+        nodes += [
+            helper.make_node(
+                "MatMulNBits",
+                node.input[:3],
+                [f"{output}/symmetric"],
+                name=node.name,
+                domain=MS_DOMAIN,
+                K=columns,
+                N=rows,
+                bits=bits,
+                block_size=block,
+                accuracy_level=ACCURACY_LEVEL,
+            ),
+            helper.make_node(
+                "MatMul", [block_sums[key], offsets], [f"{output}/offsets"], name=f"{node.name}/offsets"
+            ),
+            helper.make_node(
+                "Add", [f"{output}/symmetric", f"{output}/offsets"], [output], name=f"{node.name}/add_offsets"
+            ),
+        ]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _remove_dead_nodes(model)
 
 
 def constant_weight(
