@@ -40,7 +40,7 @@ from pathlib import Path
 REPOSITORY = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPOSITORY.parent / "shared" / "data"
 CHAT_EXAMPLE = REPOSITORY / "examples" / "onnx_chat.py"
-PHASES = ("checkpoints", "exports", "quality", "speed", "report")
+PHASES = ("checkpoints", "exports", "quality", "speed", "profile", "report")
 BANDWIDTH_BYTES = 256 * 2**20
 
 
@@ -96,6 +96,53 @@ def speed_worker(directory: Path, threads: int, prompt_tokens: int, new_tokens: 
         "prefill_tokens_per_s": prompt_tokens / min(prefill),
         "decode_tokens_per_s": new_tokens / decode,
         "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def profile_worker(directory: Path, threads: int, prompt_tokens: int, steps: int) -> dict:
+    """Decode steps through onnxruntime's own profiler: time and weight bytes read, per op type."""
+    import collections
+    import importlib.util
+
+    import onnx
+    import onnxruntime
+
+    spec = importlib.util.spec_from_file_location("onnx_chat", CHAT_EXAMPLE)
+    chat = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chat)
+    model = chat.OnnxCausalLM(directory, threads=threads, max_length=prompt_tokens + steps + 1)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path("/tmp") / f"edge-profile-{os.getpid()}")
+    model.session = onnxruntime.InferenceSession(
+        str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"]
+    )
+    prompt = list(range(100, 100 + prompt_tokens))
+    token = int(model.forward(prompt).argmax())
+    for _ in range(steps):
+        token = int(model.forward([token]).argmax())
+    trace_file = Path(model.session.end_profiling())
+    trace = json.loads(trace_file.read_text())
+    trace_file.unlink()
+    runs = [e for e in trace if e.get("cat") == "Session" and e["name"] == "model_run"][-steps:]
+    graph = onnx.load(str(directory / "model.onnx"), load_external_data=False).graph
+    node_bytes, node_type = weight_bytes_by_node(graph), {n.name: n.op_type for n in graph.node}
+    ops: dict[str, dict] = collections.defaultdict(lambda: {"ms": 0.0, "nodes": set(), "bytes": 0})
+    for event in trace:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        if event["ts"] < runs[0]["ts"]:
+            continue
+        node = event["name"][: -len("_kernel_time")]
+        op = ops[node_type.get(node, event["args"].get("op_name", "?"))]
+        op["ms"] += event["dur"] / 1e3 / steps
+        if node not in op["nodes"]:
+            op["nodes"].add(node)
+            op["bytes"] += node_bytes.get(node, 0)
+    return {
+        "step_ms": sum(r["dur"] for r in runs) / 1e3 / steps,
+        "ops": {name: {**op, "nodes": len(op["nodes"])} for name, op in ops.items()},
     }
 
 
@@ -164,6 +211,7 @@ def run_worker(args, *worker_args: str) -> dict:
 # -- phases -------------------------------------------------------------------------------------
 def variants_for(args) -> list[Variant]:
     variants = [Variant(c, w) for c in ["dense", *args.ratios] for w in args.weights]
+    variants += [Variant("dense", "int8", block_size=size) for size in args.dense_int8_blocks]
     variants += [Variant("dense", "int4", block_size=size) for size in args.dense_int4_blocks]
     variants += [
         Variant("dense", "int4", block_size=size, embedding_bits=4) for size in args.dense_int4_e4_blocks
@@ -228,22 +276,40 @@ def export_variants(args, variants: list[Variant], checkpoints: dict[str, dict])
     return exports
 
 
-def decode_bytes(onnx_file: Path) -> dict:
-    """Bytes one decode step reads from the weights: all initializers but the tables only gathered
-    from (one row a token: an untied embedding, the rotary caches), and the KV cache per position."""
-    import onnx
-
-    graph = onnx.load(str(onnx_file), load_external_data=False).graph
+def weight_bytes_by_node(graph) -> dict[str, int]:
+    """Initializer bytes each node reads in a decode step. Tables only gathered from (one row a token:
+    an untied embedding, the rotary caches) are not counted; a table a tied head also reads is counted
+    at the head (through the Transpose onnxruntime folds away); a weight several nodes read, once."""
     readers: dict[str, set[str]] = {}
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, set()).add(node.op_type)
     row_readers = {"Gather", "GatherBlockQuantized", "Reshape"}  # Reshape: of a gathered table's scales
-    weights = sum(
-        len(init.raw_data)
+    sizes = {
+        init.name: len(init.raw_data)
         for init in graph.initializer
         if "rotary" not in init.name and not readers.get(init.name, set()) <= row_readers
-    )
+    }
+    by_node: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type in row_readers:
+            continue
+        fresh = [name for name in node.input if name in sizes]
+        if node.op_type == "Transpose" and fresh:
+            sizes[node.output[0]] = sizes[fresh[0]]  # folded: its reader reads the table
+        else:
+            by_node[node.name] = by_node.get(node.name, 0) + sum(sizes[name] for name in fresh)
+        for name in fresh:
+            del sizes[name]
+    return by_node
+
+
+def decode_bytes(onnx_file: Path) -> dict:
+    """Bytes one decode step reads from the weights (``weight_bytes_by_node``) and the KV cache per position."""
+    import onnx
+
+    graph = onnx.load(str(onnx_file), load_external_data=False).graph
+    weights = sum(weight_bytes_by_node(graph).values())
     per_position = 0
     for cache in graph.input:
         if cache.name.startswith("past_key_values"):
@@ -306,7 +372,61 @@ def measure_speed(args, variants: list[Variant]) -> dict[str, dict]:
     }
 
 
+def measure_profile(args, variants: list[Variant]) -> dict[str, dict]:
+    """Each fused-graph variant's decode steps per op type, at the first ``--threads`` count."""
+    threads = args.threads[0]
+    profiles = {}
+    for variant in variants:
+        if variant.graph != "fused":
+            continue
+        directory = args.work_dir / "onnx" / variant.directory_name
+        profiles[variant.name] = run_worker(
+            args, "--profile-worker", str(directory), "--threads", str(threads),
+            "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.profile_steps),
+        )  # fmt: skip
+        print(f"profiled {variant.name}: {profiles[variant.name]['step_ms']:.1f} ms a step")
+    return {"threads": threads, "steps": args.profile_steps, "models": profiles}
+
+
 # -- report -------------------------------------------------------------------------------------
+LINEAR_OPS = ("MatMulNBits", "MatMul", "Gemm")
+ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
+
+
+def profile_table(results: dict) -> list[str]:
+    """Where a decode step's time goes: the linears against the bandwidth, attention, everything else."""
+    profile = results.get("profile")
+    if not profile:
+        return []
+    threads = profile["threads"]
+    bandwidth = results["speed"][f"bandwidth|{threads}"]["bandwidth_gb_per_s"]
+    lines = [
+        "",
+        f"Decode steps by op type (onnxruntime's profiler, {threads} thread(s), {profile['steps']} steps after "
+        f"the {results['prompt_tokens']}-token prompt; kernel times, so the profiler's own overhead is left "
+        f"out of the columns but not of the step). Linears: MatMulNBits, MatMul, Gemm; their GB/s are the "
+        f"weight bytes they read over their time ({bandwidth:.1f} GB/s measured).",
+        "",
+        "| model | step ms | linears ms | linears MB | linears GB/s (of bandwidth) | attention ms "
+        "| other ops ms | other nodes | µs a node |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, run in profile["models"].items():
+        ops = run["ops"]
+        linear = [ops[o] for o in LINEAR_OPS if o in ops]
+        attention = sum(ops[o]["ms"] for o in ATTENTION_OPS if o in ops)
+        others = [op for o, op in ops.items() if o not in LINEAR_OPS and o not in ATTENTION_OPS]
+        linear_ms, linear_bytes = sum(o["ms"] for o in linear), sum(o["bytes"] for o in linear)
+        other_ms, other_nodes = sum(o["ms"] for o in others), sum(o["nodes"] for o in others)
+        rate = linear_bytes / (linear_ms / 1e3) / 1e9
+        lines.append(
+            f"| {name} | {run['step_ms']:.2f} | {linear_ms:.2f} | {linear_bytes / 1e6:.1f} | "
+            f"{rate:.1f} ({100 * rate / bandwidth:.0f}%) | {attention:.2f} | {other_ms:.2f} | {other_nodes} | "
+            f"{1e3 * other_ms / max(other_nodes, 1):.1f} |"
+        )
+    return lines
+
+
 def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:
     """Names no other point beats on both axes (fewer bytes and lower loss, one of them strictly)."""
     return {
@@ -397,6 +517,7 @@ def tables(results: dict) -> str:
         ordered = sorted(front, key=lambda n: exports[n]["onnx_bytes"])
         lines.append(f"- {metric}: " + ", ".join(f"{n} ({exports[n]['onnx_bytes'] / 1e6:.0f} MB, "
                                                  f"{quality[n][metric]:.3g})" for n in ordered))  # fmt: skip
+    lines += profile_table(results)
     lines += ["", "Goals:", ""] + goals(results, fronts)
     return "\n".join(lines) + "\n"
 
@@ -500,6 +621,10 @@ def main() -> None:
         "--weights", nargs="+", default=["fp32", "int8", "int4"], choices=["fp32", "int8", "int4"]
     )
     parser.add_argument(
+        "--dense-int8-blocks", nargs="*", type=int, default=[128],
+        help="also the dense model in int8 with these block sizes (fewer scales: faster, less exact)",
+    )  # fmt: skip
+    parser.add_argument(
         "--dense-int4-blocks", nargs="*", type=int, default=[64],
         help="also the dense model in int4 with these block sizes (fewer scales: smaller, less exact)",
     )  # fmt: skip
@@ -524,10 +649,19 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=REPOSITORY / "runs" / "edge")
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--bandwidth-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--profile-worker", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--profile-steps", type=int, default=64, help="decode steps the profile phase times")
     args = parser.parse_args()
 
     if args.worker is not None:
         print(json.dumps(speed_worker(args.worker, args.threads[0], args.prompt_tokens, args.new_tokens)))
+        return
+    if args.profile_worker is not None:
+        print(
+            json.dumps(
+                profile_worker(args.profile_worker, args.threads[0], args.prompt_tokens, args.new_tokens)
+            )
+        )
         return
     if args.bandwidth_worker:
         print(json.dumps(bandwidth_worker(args.threads[0])))
@@ -565,6 +699,8 @@ def main() -> None:
         load_before = os.getloadavg()[0]
         speed = measure_speed(args, variants)
         save({"speed": speed, "load_average": (load_before + os.getloadavg()[0]) / 2})
+    if "profile" in args.phases:
+        save({"profile": measure_profile(args, variants)})
     if "report" in args.phases:
         report = tables(results)
         (args.output / "results.md").write_text(report)

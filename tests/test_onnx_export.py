@@ -170,6 +170,27 @@ def test_weight_only_quantizes_every_linear_and_the_embedding_once(
     assert after.perplexity == pytest.approx(before.perplexity, rel=perplexity_change)
 
 
+def test_blocks_wider_than_an_embedding_row_still_quantize_the_table(model_dir, tmp_path):
+    export_onnx(model_dir("qwen2"), tmp_path / "int8", weights="int8", block_size=128, progress=False)
+
+    graph = onnx.load(str(tmp_path / "int8" / "model.onnx")).graph
+    blocks = {
+        node.op_type if "embed" in node.name else node.name: next(
+            a.i for a in node.attribute if a.name == "block_size"
+        )
+        for node in graph.node
+        if node.op_type in ("GatherBlockQuantized", "MatMulNBits")
+    }
+    assert blocks.pop("GatherBlockQuantized") == blocks.pop("/lm_head/MatMulNBits") == 64  # a row: 64 wide
+    assert set(blocks.values()) == {128}
+    float_tables = [
+        i.name
+        for i in graph.initializer
+        if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and not i.name.endswith("scales")
+    ]
+    assert all("rotary" in name for name in float_tables)
+
+
 def test_quantized_blocks_decode_to_the_weights_they_came_from():
     """The 4-bit packing (two values a byte, low nibble first) read back as onnxruntime reads it."""
     weight = np.random.default_rng(0).normal(size=(6, 64)).astype(np.float32)

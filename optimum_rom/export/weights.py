@@ -9,14 +9,16 @@ decoder linears, both factors of a factorized one, an untied lm_head). 8 bits: r
 symmetric, the kernel quantizing activations block by block (accuracy level 4); that keeps the
 fp32 quality within a fraction of a percent. 4 bits: its HQQ algorithm (half-quadratic: a scale and
 a float zero point per block fitted to the weights, no data needed), because round to nearest at 4
-bits loses far more on a small model (SmolLM2: +24% perplexity against +0% for HQQ, blocks of 32),
-and so does rounding HQQ's zero points to integers. onnxruntime's CPU kernel has no fast path for
+bits, or HQQ with its zero points rounded to integers, loses far more (on SmolLM2, whose weights come
+from a Q4_1 GGUF, i.e. already 4-bit blocks of 32 with a float offset, HQQ at blocks of 32 recovers
+them exactly and round to nearest loses 25% perplexity). onnxruntime's CPU kernel has no fast path for
 float zero points (it dequantizes the whole weight on every call: an order of magnitude slower
 than int8), so ``_split_float_zero_points`` rewrites them exactly into a form it runs fast.
 What the quantizer cannot do is done here, by ``_WeightOnlyRewriter``:
 
 - the embedding table at 8 bits (its Gather quantization is 4-bit only), which is also the default
-  under 4-bit linears (``embedding_bits``): the table is a small model's most sensitive weight;
+  under 4-bit linears (``embedding_bits``): the table is a small model's most sensitive weight; in
+  blocks that tile its rows (``table_block``);
 - a tied lm_head, which reads the table through a ``Transpose`` the quantizer skips; the table is
   quantized once and read by both ``GatherBlockQuantized`` and the head's ``MatMulNBits`` (the
   quantizer would store it twice: 28M of SmolLM2's 134.5M parameters);
@@ -226,6 +228,15 @@ def constant_weight(
     return None
 
 
+def table_block(width: int, block_size: int) -> int:
+    """An embedding table's block: GatherBlockQuantized needs whole blocks in a row, so the largest
+    power of two <= ``block_size`` dividing ``width`` (SmolLM2's 576 at ``block_size`` 128: 64)."""
+    block = block_size
+    while width % block and block > 16:
+        block //= 2
+    return block
+
+
 class _WeightOnlyRewriter:
     """What ``MatMulNBitsQuantizer`` leaves in float: the embedding table (shared with a tied head) and Gemms."""
 
@@ -263,15 +274,17 @@ class _WeightOnlyRewriter:
         if not any(opset.domain == MS_DOMAIN for opset in self.model.opset_import):
             self.model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
-    def pack(self, source: str, transposed: bool) -> tuple[str, str, int, int, int]:
-        """Quantize a weight once, however many nodes read it: ``(data, scales, out, in, bits)``
-        (an embedding table, which a tied head reads too, at ``table_bits``)."""
+    def pack(self, source: str, transposed: bool) -> tuple[str, str, int, int, int, int]:
+        """Quantize a weight once, however many nodes read it: ``(data, scales, out, in, bits, block)``
+        (an embedding table, which a tied head reads too, at ``table_bits`` and ``table_block``)."""
         key = (source, transposed)
         if key not in self.packed:
             matrix = numpy_helper.to_array(self.initializers[source])
             weight = matrix.T if transposed else matrix
-            bits = self.table_bits if source in self.tables else self.bits
-            data, scales = quantize_blockwise(weight, bits, self.block_size)
+            table = source in self.tables
+            bits = self.table_bits if table else self.bits
+            block = table_block(weight.shape[1], self.block_size) if table else self.block_size
+            data, scales = quantize_blockwise(weight, bits, block)
             base = f"{source}.T" if transposed else source
             self.graph.initializer.extend(
                 [
@@ -279,7 +292,7 @@ class _WeightOnlyRewriter:
                     numpy_helper.from_array(scales, f"{base}.scales"),
                 ]
             )
-            self.packed[key] = (f"{base}.int{bits}", f"{base}.scales", weight.shape[0], weight.shape[1], bits)
+            self.packed[key] = (f"{base}.int{bits}", f"{base}.scales", *weight.shape, bits, block)
         return self.packed[key]
 
     def rewrite_linear(self, index: int, node: onnx.NodeProto) -> None:
@@ -287,7 +300,7 @@ class _WeightOnlyRewriter:
         found = constant_weight(node, self.initializers, self.producers)
         if found is None:
             return
-        data, scales, rows, columns, bits = self.pack(*found)
+        data, scales, rows, columns, bits, block = self.pack(*found)
         inputs, output = [node.input[0], data, scales], node.output[0]
         bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
         if bias and not self.is_bias(bias, rows):
@@ -310,7 +323,7 @@ class _WeightOnlyRewriter:
                 K=columns,
                 N=rows,
                 bits=bits,
-                block_size=self.block_size,
+                block_size=block,
                 accuracy_level=ACCURACY_LEVEL,
             )
         ]
@@ -334,13 +347,13 @@ class _WeightOnlyRewriter:
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
         if table is None or table.data_type != TensorProto.FLOAT or len(table.dims) != 2 or axis != 0:
             return
-        if table.dims[1] % self.block_size:
-            return
-        data, scales, rows, columns, bits = self.pack(node.input[0], transposed=False)
+        if table.dims[1] % table_block(table.dims[1], self.block_size):
+            return  # no power-of-two block fits a row: the table stays in float
+        data, scales, rows, columns, bits, block = self.pack(node.input[0], transposed=False)
         scope = node.name or "/" + node.output[0]  # new nodes are named <gather name>/<op>: unique
         shape_3d, width = f"{scales}.shape_3d", f"{scales}.row_width"
         if shape_3d not in self.initializers:
-            blocks = columns // self.block_size
+            blocks = columns // block
             for name, value in ((shape_3d, [rows, blocks, 1]), (width, [columns])):
                 self.initializers[name] = numpy_helper.from_array(np.array(value), name)
                 self.graph.initializer.append(self.initializers[name])
@@ -357,7 +370,7 @@ class _WeightOnlyRewriter:
                 domain=MS_DOMAIN,
                 gather_axis=0,
                 quantize_axis=2,
-                block_size=self.block_size,
+                block_size=block,
                 bits=bits,
             ),
             helper.make_node("Shape", [node.input[1]], [indices_shape], name=f"{scope}/Shape"),
