@@ -148,44 +148,65 @@ def profile_worker(directory: Path, threads: int, prompt_tokens: int, steps: int
 
 def bandwidth_worker(threads: int) -> dict:
     """Read bandwidth as onnxruntime sees it, the better of two 256 MB probes (best of 5 runs each): a
-    ReduceSum over a float tensor and a float MatMul of one row by a constant matrix (a decode GEMV)."""
+    ReduceSum over a float tensor and a float MatMul of one row by a constant matrix (a decode GEMV).
+    Also what onnxruntime's quantized kernel does with one row (MatMulNBits, 8 and 4 bits, blocks of
+    32, accuracy level 4, 64M weights): where it runs below the bandwidth, that kernel is the limit."""
     import numpy as np
-    import onnxruntime
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rows, columns = 4096, BANDWIDTH_BYTES // 4 // 4096
     matrix = numpy_helper.from_array(np.full((rows, columns), 0.01, np.float32), "w")
-    probes = {
-        "reduce_sum": (
-            [helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)],
-            [],
-            np.ones(BANDWIDTH_BYTES // 4, np.float32),
+    row = np.ones((1, rows), np.float32)
+    rates = {
+        "reduce_sum": _probe_rate(
+            [helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)], [], np.ones(BANDWIDTH_BYTES // 4, np.float32),
+            BANDWIDTH_BYTES, threads,
         ),
-        "gemv": ([helper.make_node("MatMul", ["x", "w"], ["y"])], [matrix], np.ones((1, rows), np.float32)),
-    }
-    rates = {}
-    for name, (nodes, initializers, data) in probes.items():
-        graph = helper.make_graph(
-            nodes,
-            name,
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(data.shape))],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-            initializers,
+        "gemv": _probe_rate([helper.make_node("MatMul", ["x", "w"], ["y"])], [matrix], row, BANDWIDTH_BYTES, threads),
+    }  # fmt: skip
+    outputs, block = 16384, 32
+    for bits in (8, 4):
+        codes = np.random.default_rng(0).integers(
+            0, 256, (outputs, rows // block, block * bits // 8), np.uint8
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        model.ir_version = 9
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        session = onnxruntime.InferenceSession(
-            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        scales = np.full(outputs * rows // block, 0.01, np.float32)
+        node = helper.make_node(
+            "MatMulNBits", ["x", "codes", "scales"], ["y"], domain="com.microsoft",
+            K=rows, N=outputs, bits=bits, block_size=block, accuracy_level=4,
+        )  # fmt: skip
+        initializers = [numpy_helper.from_array(codes, "codes"), numpy_helper.from_array(scales, "scales")]
+        rates[f"int{bits}_gemv"] = _probe_rate(
+            [node], initializers, row, codes.nbytes + scales.nbytes, threads
         )
-        session.run(None, {"x": data})
-        feed = {"x": data}
-        rates[name] = BANDWIDTH_BYTES / min(_timed(session.run, None, feed) for _ in range(5)) / 1e9
     return {
         **{f"{name}_gb_per_s": rate for name, rate in rates.items()},
-        "bandwidth_gb_per_s": max(rates.values()),
+        "bandwidth_gb_per_s": max(rates["reduce_sum"], rates["gemv"]),
     }
+
+
+def _probe_rate(nodes, initializers, data, read_bytes: int, threads: int) -> float:
+    """GB/s of a one-node graph over ``data`` (best of 5 runs after a warm-up)."""
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes,
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(data.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializers,
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 9
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    feed = {"x": data}
+    session.run(None, feed)
+    return read_bytes / min(_timed(session.run, None, feed) for _ in range(5)) / 1e9
 
 
 def _timed(function, *args) -> float:
@@ -399,17 +420,26 @@ def profile_table(results: dict) -> list[str]:
     if not profile:
         return []
     threads = profile["threads"]
-    bandwidth = results["speed"][f"bandwidth|{threads}"]["bandwidth_gb_per_s"]
+    probes = results["speed"][f"bandwidth|{threads}"]
+    bandwidth = probes["bandwidth_gb_per_s"]
+    probe = {"fp32": probes["gemv_gb_per_s"]}
+    probe.update(
+        {w: probes[f"{w}_gemv_gb_per_s"] for w in ("int8", "int4") if f"{w}_gemv_gb_per_s" in probes}
+    )
+    weights = {v["name"]: v["weights"] for v in results["variants"]}
     lines = [
         "",
         f"Decode steps by op type (onnxruntime's profiler, {threads} thread(s), {profile['steps']} steps after "
         f"the {results['prompt_tokens']}-token prompt; kernel times, so the profiler's own overhead is left "
         f"out of the columns but not of the step). Linears: MatMulNBits, MatMul, Gemm; their GB/s are the "
-        f"weight bytes they read over their time ({bandwidth:.1f} GB/s measured).",
+        f"weight bytes they read over their time, against the bandwidth ({bandwidth:.1f} GB/s) and against "
+        "the same kernel on one large matrix (one row by 64M weights: "
+        + ", ".join(f"{w} {rate:.1f} GB/s" for w, rate in probe.items())
+        + ").",
         "",
-        "| model | step ms | linears ms | linears MB | linears GB/s (of bandwidth) | attention ms "
-        "| other ops ms | other nodes | µs a node |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | step ms | linears ms | linears MB | linears GB/s | of bandwidth | of the kernel on a large matrix "
+        "| attention ms | other ops ms | other nodes | µs a node |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, run in profile["models"].items():
         ops = run["ops"]
@@ -419,10 +449,11 @@ def profile_table(results: dict) -> list[str]:
         linear_ms, linear_bytes = sum(o["ms"] for o in linear), sum(o["bytes"] for o in linear)
         other_ms, other_nodes = sum(o["ms"] for o in others), sum(o["nodes"] for o in others)
         rate = linear_bytes / (linear_ms / 1e3) / 1e9
+        kernel = probe.get(weights.get(name, ""))
         lines.append(
-            f"| {name} | {run['step_ms']:.2f} | {linear_ms:.2f} | {linear_bytes / 1e6:.1f} | "
-            f"{rate:.1f} ({100 * rate / bandwidth:.0f}%) | {attention:.2f} | {other_ms:.2f} | {other_nodes} | "
-            f"{1e3 * other_ms / max(other_nodes, 1):.1f} |"
+            f"| {name} | {run['step_ms']:.2f} | {linear_ms:.2f} | {linear_bytes / 1e6:.1f} | {rate:.1f} | "
+            f"{100 * rate / bandwidth:.0f}% | {f'{100 * rate / kernel:.0f}%' if kernel else ''} | {attention:.2f} | "
+            f"{other_ms:.2f} | {other_nodes} | {1e3 * other_ms / max(other_nodes, 1):.1f} |"
         )
     return lines
 
