@@ -113,7 +113,7 @@ def test_perplexity_runs_through_onnxruntime_like_through_pytorch(compressed_dir
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # untied and tied embeddings; qwen2's q/k/v are Gemms
 @pytest.mark.parametrize(
     ("weights", "embedding_bits", "smaller", "perplexity_change"),
-    [("int8", 8, 2.0, 0.02), ("int4", 8, 2.5, 0.15), ("int4", 4, 2.8, 0.15)],
+    [("int8", 8, 2.0, 0.02), ("int4", 8, 2.2, 0.15), ("int4", 4, 2.5, 0.15)],
 )
 def test_weight_only_quantizes_every_linear_and_the_embedding_once(
     arch, weights, embedding_bits, smaller, perplexity_change, compressed_dir, calibration_file, tmp_path
@@ -150,8 +150,8 @@ def test_weight_only_quantizes_every_linear_and_the_embedding_once(
     rotary = {float_matrices.pop(f"model.rotary_emb.{n}_cache", None) is not None for n in ("cos", "sin")}
     assert rotary == {True}
     float_bytes = 4 * sum(np.prod(dims) for dims in float_matrices.values())
-    code_bytes = sum(np.prod(initializers[n.input[1]].dims) for n in graph.node if n.op_type == "MatMulNBits")
-    assert float_bytes <= 0.3 * code_bytes  # per-block data only (an int4 block of 32 codes is 16 bytes)
+    blocks = sum(np.prod(initializers[n.input[1]].dims[:2]) for n in graph.node if n.op_type == "MatMulNBits")
+    assert float_bytes <= 2 * 4 * blocks  # per-block data only: a float offset a block (and block sums)
     tables = [i for i in graph.initializer if i.dims[:1] == [512] and i.data_type == onnx.TensorProto.UINT8]
     assert len(tables) == (1 if arch == "qwen2" else 2)  # a tied table is quantized once, read by both ops
     assert fp32.onnx_bytes > smaller * quantized.onnx_bytes

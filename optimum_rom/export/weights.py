@@ -104,6 +104,7 @@ def quantize_weights(
     embedding_bits = embedding_bits or bits
     check_weight_options(bits, block_size, embedding_bits)
     if bits == 4:
+        _gemms_as_matmuls(model)  # HQQ quantizes MatMuls only; a factor with a bias is a Gemm
         config = HQQWeightOnlyQuantConfig(block_size=block_size, bits=4, op_types_to_quantize=("MatMul",))
     else:
         config = DefaultWeightOnlyQuantConfig(
@@ -127,6 +128,43 @@ def quantize_weights(
     return quantized
 
 
+def _gemms_as_matmuls(model: onnx.ModelProto) -> None:
+    """Each plain Gemm by a constant weight and bias -> MatMul + Add, so the quantizer's algorithm
+    (HQQ at 4 bits) covers it too: the up factor of a centered ROM linear, Qwen's q/k/v.
+    ``_split_float_zero_points`` folds the Add back into MatMulNBits' bias."""
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        found = constant_weight(node, initializers, producers) if node.op_type == "Gemm" else None
+        bias = node.input[2] if len(node.input) > 2 else ""
+        if found is None or (bias and not _is_vector(initializers.get(bias))):
+            nodes.append(node)
+            continue
+        weight, stored_in_x_out = found
+        if not stored_in_x_out:  # transB: out x in, MatMul wants in x out
+            transposed = f"{weight}.in_x_out"
+            if transposed not in initializers:
+                initializers[transposed] = numpy_helper.from_array(
+                    np.ascontiguousarray(numpy_helper.to_array(initializers[weight]).T), transposed
+                )
+                graph.initializer.append(initializers[transposed])
+            weight = transposed
+        scope = node.name.rsplit("/", 1)[0]  # node names are <module scope>/<op> (see inspection.py)
+        product = f"{node.output[0]}/product" if bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{scope}/MatMul"))
+        if bias:
+            nodes.append(helper.make_node("Add", [product, bias], [node.output[0]], name=f"{scope}/Add_bias"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _remove_dead_nodes(model)
+
+
+def _is_vector(init: onnx.TensorProto | None) -> bool:
+    return init is not None and init.data_type == TensorProto.FLOAT and len(init.dims) == 1
+
+
 def _split_float_zero_points(model: onnx.ModelProto) -> None:
     """Each MatMulNBits with float zero points -> the same product on onnxruntime's fast kernels.
 
@@ -135,13 +173,22 @@ def _split_float_zero_points(model: onnx.ModelProto) -> None:
     term is a MatMulNBits without zero points (int8 activations, accuracy level 4); the second is a
     float MatMul of the input's block sums (``x`` times a constant 0/1 matrix, shared by the linears
     reading the same input; any ``K``, ragged last block included) by the ``blocks x N`` offsets,
-    stored in the bytes the float zero points took.
+    stored in the bytes the float zero points took. A bias ``Add`` right after is folded into the
+    MatMulNBits.
     """
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    graph_outputs = {output.name for output in graph.output}
     block_sums: dict[tuple[str, int, int], str] = {}
+    folded: set[str] = set()  # outputs of bias Adds absorbed into a MatMulNBits
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
+        if node.op_type == "Add" and node.output[0] in folded:
+            continue
         zero_points = (
             initializers.get(node.input[3]) if node.op_type == "MatMulNBits" and len(node.input) > 3 else None
         )
@@ -168,11 +215,19 @@ def _split_float_zero_points(model: onnx.ModelProto) -> None:
             nodes.append(
                 helper.make_node("MatMul", [source, indicator], [block_sums[key]], name=block_sums[key])
             )
-        output = node.output[0]
+        output, inputs = node.output[0], list(node.input[:3])
+        users = consumers[output]
+        if output not in graph_outputs and len(users) == 1 and users[0].op_type == "Add":
+            bias = next(name for name in users[0].input if name != output)
+            vector = initializers.get(bias)
+            if _is_vector(vector) and vector.dims[0] == rows:
+                inputs += ["", "", bias]  # no zero points, no g_idx, the bias
+                output = users[0].output[0]
+                folded.add(output)
         nodes += [
             helper.make_node(
                 "MatMulNBits",
-                node.input[:3],
+                inputs,
                 [f"{output}/symmetric"],
                 name=node.name,
                 domain=MS_DOMAIN,
