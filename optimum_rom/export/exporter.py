@@ -40,9 +40,11 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # What catches a broken graph. fp32 must reproduce PyTorch: largest |logit difference| relative to
 # the largest |logit| (they agree to ~1e-6). Quantized weights move every logit a little and a few
 # a lot, so there the RMS of the difference relative to the RMS of the logits is bounded: a wrong
-# layout or scale gives 1 or more.
+# layout or scale gives 1 or more. int4 on a heavily compressed model is near that on 12 random
+# tokens (SmolLM2 ROM 0.5: 0.59, a better perplexity than an earlier export's at 0.43), so it is only
+# bounded below that.
 FP32_TOLERANCE = 1e-3
-RMS_TOLERANCE = {"int8": 0.1, "int4": 0.5, "int8-dynamic": 1.0}
+RMS_TOLERANCE = {"int8": 0.1, "int4": 0.9, "int8-dynamic": 1.0}
 VALIDATION_TOKENS = 12
 
 

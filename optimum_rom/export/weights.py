@@ -22,7 +22,8 @@ What the quantizer cannot do is done here, by ``_WeightOnlyRewriter``:
 - a tied lm_head, which reads the table through a ``Transpose`` the quantizer skips; the table is
   quantized once and read by both ``GatherBlockQuantized`` and the head's ``MatMulNBits`` (the
   quantizer would store it twice: 28M of SmolLM2's 134.5M parameters);
-- ``Gemm`` with a bias (the fused graph's Qwen q/k/v), folded into ``MatMulNBits``' bias input.
+- ``Gemm`` with a bias (Qwen's q/k/v, a centered ROM linear's up factor), folded into
+  ``MatMulNBits``' bias input (at 4 bits they are handed to HQQ as MatMul + Add instead).
 
 ``int8-dynamic``: optimum's ``ORTQuantizer`` in dynamic mode (int8 per-channel weights,
 activations quantized per tensor at run time to uint8). That is onnxruntime's classic recipe; on
