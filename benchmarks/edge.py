@@ -16,9 +16,13 @@ benchmark's ``rom-auto-mix50``) it exports ``optimum-cli rom export`` directorie
   with onnxruntime only (``examples/onnx_chat.py``'s runtime), interleaved over ``--repeats``
   (median kept) so load from other processes hits all alike;
 - the machine's memory bandwidth in the same run (onnxruntime reading 256 MB at the same thread
-  count: a ReduceSum and a one-row MatMul, the better of the two), and from it each model's decode bound: bytes a decode step must read (the weights,
-  except tables read one row at a time, plus the KV cache at the mean decode position) over the
-  bandwidth.
+  count: a ReduceSum and a one-row MatMul, the better of the two), and from it each model's decode
+  bound: bytes a decode step must read (the weights, except tables read one row at a time, plus the
+  KV cache at the mean decode position) over the bandwidth; beside it, what MatMulNBits itself does on one large matrix (8 and 4 bits), since a
+  compute-bound kernel cannot reach the bandwidth;
+- ``profile``: decode steps through onnxruntime's profiler, per op type: the linears' time and the
+  GB/s they read at, attention and the other nodes (work that factorizing the linears does not
+  shrink).
 
 Writes ``results.json``, ``results.md`` (tables, Pareto front, goals) and ``edge.png`` (perplexity
 and chat answer loss vs bytes, front marked) to ``--output``; checkpoints and exports are cached in

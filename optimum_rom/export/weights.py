@@ -162,6 +162,16 @@ def _gemms_as_matmuls(model: onnx.ModelProto) -> None:
     _remove_dead_nodes(model)
 
 
+def matmul_nbits(
+    inputs: list[str], output: str, name: str, columns: int, rows: int, bits: int, block: int
+) -> onnx.NodeProto:
+    """A MatMulNBits node (``columns`` = K inputs, ``rows`` = N outputs) on the int8-activation kernels."""
+    return helper.make_node(
+        "MatMulNBits", inputs, [output], name=name, domain=MS_DOMAIN,
+        K=columns, N=rows, bits=bits, block_size=block, accuracy_level=ACCURACY_LEVEL,
+    )  # fmt: skip
+
+
 def _is_vector(init: onnx.TensorProto | None) -> bool:
     return init is not None and init.data_type == TensorProto.FLOAT and len(init.dims) == 1
 
@@ -226,18 +236,7 @@ def _split_float_zero_points(model: onnx.ModelProto) -> None:
                 output = users[0].output[0]
                 folded.add(output)
         nodes += [
-            helper.make_node(
-                "MatMulNBits",
-                inputs,
-                [f"{output}/symmetric"],
-                name=node.name,
-                domain=MS_DOMAIN,
-                K=columns,
-                N=rows,
-                bits=bits,
-                block_size=block,
-                accuracy_level=ACCURACY_LEVEL,
-            ),
+            matmul_nbits(inputs, f"{output}/symmetric", node.name, columns, rows, bits, block),
             helper.make_node(
                 "MatMul", [block_sums[key], offsets], [f"{output}/offsets"], name=f"{node.name}/offsets"
             ),
@@ -369,20 +368,8 @@ class _WeightOnlyRewriter:
         if bias:
             inputs += ["", "", bias]  # no zero points, no g_idx
         scope, op_name = node.name.rsplit("/", 1) if "/" in node.name else ("", node.name or output)
-        self.replacements[index] = [
-            helper.make_node(
-                "MatMulNBits",
-                inputs,
-                [output],
-                name=f"{scope}/{op_name.replace(node.op_type, 'MatMulNBits', 1)}",
-                domain=MS_DOMAIN,
-                K=columns,
-                N=rows,
-                bits=bits,
-                block_size=block,
-                accuracy_level=ACCURACY_LEVEL,
-            )
-        ]
+        name = f"{scope}/{op_name.replace(node.op_type, 'MatMulNBits', 1)}"
+        self.replacements[index] = [matmul_nbits(inputs, output, name, columns, rows, bits, block)]
 
     def foldable_bias(self, node: onnx.NodeProto, rows: int) -> onnx.NodeProto | None:
         """The ``Add`` of a constant bias right after ``node``, which MatMulNBits absorbs."""
