@@ -10,7 +10,9 @@ KV cache and grouped heads inside one kernel) and the MLP. Factorized linears st
 
 The inputs and outputs are the stock exporter's (``input_ids``, ``attention_mask``,
 ``position_ids``, ``past_key_values.<i>.key|value`` -> ``logits``, ``present.<i>.key|value``),
-so ``optimum.onnxruntime.ORTModelForCausalLM`` loads the result unchanged, padded batches included.
+so ``optimum.onnxruntime.ORTModelForCausalLM`` loads the result unchanged, left-padded batches included
+(``position_ids`` is accepted for that interface; the rotary positions come from the cache, see
+``attention_inputs``).
 Node names follow the stock exporter's scopes (``/model/layers.0/self_attn/q_proj/down/MatMul``),
 which is what :mod:`.inspection` reads back.
 """
@@ -178,11 +180,16 @@ class _GraphBuilder:
             self.constant("model.rotary_emb.sin_cache", _numpy(sin[0, :, :half])),
         )
 
-    def attention_inputs(self) -> tuple[str, str, str]:
-        """``seqlens_k``, ``total_sequence_length`` and the additive padding mask for GroupQueryAttention.
+    def attention_inputs(self) -> tuple[str, str, str, str]:
+        """``seqlens_k``, ``total_sequence_length``, the additive padding mask and the rotary positions
+        for GroupQueryAttention.
 
         Every position up to the mask's length counts as present (``seqlens_k = total - 1``); padding,
-        left or right, is masked by ``attention_bias`` instead, as the stock graph masks it.
+        left or right, is masked by ``attention_bias`` instead, as the stock graph masks it. The rotary
+        positions are the tokens' places in the cache (``total - length ... total - 1``), not the
+        ``position_ids`` input: GroupQueryAttention rotates a prompt's keys at 0, 1, ... whatever it is
+        given, so a left-padded row's later tokens must count the padding too to stay consistent with
+        them (rotary attention depends only on distances, which the padding does not change).
         """
         scope, int64, int32 = "/model/attention_inputs", TensorProto.INT64, TensorProto.INT32
         mask_shape = self.node("Shape", ["attention_mask"], scope, dtype=int64)
@@ -203,7 +210,21 @@ class _GraphBuilder:
         )
         one = self.constant("const.one_1d", np.array([1]))
         bias_shape = self.node("Concat", [self.batch, one, self.length, total_1d], scope, dtype=int64, axis=0)
-        return seqlens_k, total_i32, self.node("Expand", [bias, bias_shape], scope)
+        attention_bias = self.node("Expand", [bias, bias_shape], scope)
+
+        length = self.node(
+            "Gather", [self.node("Shape", ["input_ids"], scope, dtype=int64), index_1], scope, dtype=int64
+        )
+        start = self.node("Sub", [total, length], scope, dtype=int64)
+        steps = self.node(
+            "Range", [start, total, self.constant("const.one_i64", np.array(1))], scope, dtype=int64
+        )
+        row = self.node(
+            "Unsqueeze", [steps, self.constant("const.axes_0", np.array([0]))], scope, dtype=int64
+        )
+        ids_shape = self.node("Concat", [self.batch, self.length], scope, dtype=int64, axis=0)
+        positions = self.node("Expand", [row, ids_shape], scope, dtype=int64)
+        return seqlens_k, total_i32, attention_bias, positions
 
     def token_shapes(self) -> None:
         """Batch size and sequence length (1-D int64) of ``input_ids``: the hidden states are kept 2-D
@@ -239,7 +260,7 @@ class _GraphBuilder:
         config, decoder = self.config, self.model.model
         cos_cache, sin_cache = self.rotary_caches()
         self.token_shapes()
-        seqlens_k, total_length, attention_bias = self.attention_inputs()
+        seqlens_k, total_length, attention_bias, positions = self.attention_inputs()
 
         embeddings = self.constant("model.embed_tokens.weight", _numpy(decoder.embed_tokens.weight))
         hidden = self.node("Gather", [embeddings, "input_ids"], "/model/embed_tokens")
@@ -273,7 +294,7 @@ class _GraphBuilder:
                     total_length,
                     cos_cache,
                     sin_cache,
-                    "position_ids",
+                    positions,
                     attention_bias,
                 ],
                 f"{scope}/self_attn",
