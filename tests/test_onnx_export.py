@@ -138,7 +138,7 @@ def test_perplexity_runs_through_onnxruntime_like_through_pytorch(compressed_dir
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # untied and tied embeddings; qwen2's q/k/v are Gemms
 @pytest.mark.parametrize(
     ("weights", "embedding_bits", "smaller", "perplexity_change"),
-    [("int8", 8, 2.0, 0.02), ("int4", 8, 2.2, 0.15), ("int4", 4, 2.5, 0.15)],
+    [("int8", 8, 2.0, 0.02), ("int4", 8, 2.2, 0.15), ("int4", 4, 2.3, 0.15)],
 )
 def test_weight_only_quantizes_every_linear_and_the_embedding_once(
     arch, weights, embedding_bits, smaller, perplexity_change, compressed_dir, calibration_file, tmp_path
