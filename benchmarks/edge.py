@@ -71,15 +71,22 @@ class Variant:
 
 
 # -- workers: one configuration, onnxruntime only -----------------------------------------------
-def speed_worker(directory: Path, threads: int, prompt_tokens: int, new_tokens: int) -> dict:
-    """Prefill and decode timings of one exported model in this (fresh) process; no torch imported."""
+def _onnx_chat():
+    """``examples/onnx_chat.py`` as a module: the runtime a device runs (onnxruntime only)."""
     import importlib.util
-
-    import numpy as np
 
     spec = importlib.util.spec_from_file_location("onnx_chat", CHAT_EXAMPLE)
     chat = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(chat)
+    return chat
+
+
+def speed_worker(directory: Path, threads: int, prompt_tokens: int, new_tokens: int) -> dict:
+    """Prefill and decode timings of one exported model in this (fresh) process; no torch imported."""
+
+    import numpy as np
+
+    chat = _onnx_chat()
     model = chat.OnnxCausalLM(directory, threads=threads, max_length=prompt_tokens + new_tokens + 1)
     vocab = model.config["vocab_size"]
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_tokens)
@@ -106,14 +113,11 @@ def speed_worker(directory: Path, threads: int, prompt_tokens: int, new_tokens: 
 def profile_worker(directory: Path, threads: int, prompt_tokens: int, steps: int) -> dict:
     """Decode steps through onnxruntime's own profiler: time and weight bytes read, per op type."""
     import collections
-    import importlib.util
 
     import onnx
     import onnxruntime
 
-    spec = importlib.util.spec_from_file_location("onnx_chat", CHAT_EXAMPLE)
-    chat = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(chat)
+    chat = _onnx_chat()
     model = chat.OnnxCausalLM(directory, threads=threads, max_length=prompt_tokens + steps + 1)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1

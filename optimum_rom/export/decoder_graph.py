@@ -212,9 +212,7 @@ class _GraphBuilder:
         bias_shape = self.node("Concat", [self.batch, one, self.length, total_1d], scope, dtype=int64, axis=0)
         attention_bias = self.node("Expand", [bias, bias_shape], scope)
 
-        length = self.node(
-            "Gather", [self.node("Shape", ["input_ids"], scope, dtype=int64), index_1], scope, dtype=int64
-        )
+        length = self.node("Gather", [self.ids_shape, index_1], scope, dtype=int64)
         start = self.node("Sub", [total, length], scope, dtype=int64)
         steps = self.node(
             "Range", [start, total, self.constant("const.one_i64", np.array(1))], scope, dtype=int64
@@ -222,15 +220,14 @@ class _GraphBuilder:
         row = self.node(
             "Unsqueeze", [steps, self.constant("const.axes_0", np.array([0]))], scope, dtype=int64
         )
-        ids_shape = self.node("Concat", [self.batch, self.length], scope, dtype=int64, axis=0)
-        positions = self.node("Expand", [row, ids_shape], scope, dtype=int64)
+        positions = self.node("Expand", [row, self.ids_shape], scope, dtype=int64)
         return seqlens_k, total_i32, attention_bias, positions
 
     def token_shapes(self) -> None:
         """Batch size and sequence length (1-D int64) of ``input_ids``: the hidden states are kept 2-D
         (tokens x features, so linears with a bias are single Gemms) and reshaped to 3-D for attention."""
         scope, int64 = "/model/token_shapes", TensorProto.INT64
-        shape = self.node("Shape", ["input_ids"], scope, dtype=int64)
+        self.ids_shape = shape = self.node("Shape", ["input_ids"], scope, dtype=int64)
         self.batch = self.node(
             "Gather", [shape, self.constant("const.indices_0", np.array([0]))], scope, dtype=int64, axis=0
         )

@@ -140,10 +140,14 @@ def _gemms_as_matmuls(model: onnx.ModelProto) -> None:
     for node in graph.node:
         found = constant_weight(node, initializers, producers) if node.op_type == "Gemm" else None
         bias = node.input[2] if len(node.input) > 2 else ""
-        if found is None or (bias and not _is_vector(initializers.get(bias))):
+        if found is None:
             nodes.append(node)
             continue
         weight, stored_in_x_out = found
+        rows = initializers[weight].dims[1 if stored_in_x_out else 0]
+        if bias and not is_bias(initializers, bias, rows):
+            nodes.append(node)
+            continue
         if not stored_in_x_out:  # transB: out x in, MatMul wants in x out
             transposed = f"{weight}.in_x_out"
             if transposed not in initializers:
@@ -172,8 +176,10 @@ def matmul_nbits(
     )  # fmt: skip
 
 
-def _is_vector(init: onnx.TensorProto | None) -> bool:
-    return init is not None and init.data_type == TensorProto.FLOAT and len(init.dims) == 1
+def is_bias(initializers: dict[str, onnx.TensorProto], name: str, rows: int) -> bool:
+    """Whether ``name`` is a constant float vector of ``rows`` outputs, which MatMulNBits can add."""
+    bias = initializers.get(name)
+    return bias is not None and bias.data_type == TensorProto.FLOAT and list(bias.dims) == [rows]
 
 
 def _split_float_zero_points(model: onnx.ModelProto) -> None:
@@ -230,8 +236,7 @@ def _split_float_zero_points(model: onnx.ModelProto) -> None:
         users = consumers[output]
         if output not in graph_outputs and len(users) == 1 and users[0].op_type == "Add":
             bias = next(name for name in users[0].input if name != output)
-            vector = initializers.get(bias)
-            if _is_vector(vector) and vector.dims[0] == rows:
+            if is_bias(initializers, bias, rows):
                 inputs += ["", "", bias]  # no zero points, no g_idx, the bias
                 output = users[0].output[0]
                 folded.add(output)
@@ -358,7 +363,7 @@ class _WeightOnlyRewriter:
         data, scales, rows, columns, bits, block = self.pack(*found)
         inputs, output = [node.input[0], data, scales], node.output[0]
         bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
-        if bias and not self.is_bias(bias, rows):
+        if bias and not is_bias(self.initializers, bias, rows):
             return  # a Gemm whose C is not a constant vector of outputs: leave it in float
         bias_add = None if bias else self.foldable_bias(node, rows)
         if bias_add is not None:
@@ -378,11 +383,8 @@ class _WeightOnlyRewriter:
         if output in self.graph_outputs or len(users) != 1 or users[0].op_type != "Add":
             return None
         add = users[0]
-        return add if self.is_bias(next((i for i in add.input if i != output), ""), rows) else None
-
-    def is_bias(self, name: str, rows: int) -> bool:
-        bias = self.initializers.get(name)
-        return bias is not None and bias.data_type == TensorProto.FLOAT and list(bias.dims) == [rows]
+        bias = next((i for i in add.input if i != output), "")
+        return add if is_bias(self.initializers, bias, rows) else None
 
     def rewrite_gather(self, index: int, node: onnx.NodeProto) -> None:
         """An embedding lookup in a float table -> GatherBlockQuantized on the quantized table."""
