@@ -286,7 +286,10 @@ class LowRankOptimizer(OptimumQuantizer):
             check_materialized(model)
         check_finite_weights(job.lazy.tensors() if job.streamed else model.named_parameters())
         try:
-            plan = job.method.plan(model, job.config, job.data, job.progress)
+            scratch = None if job.save_dir is None else Path(job.save_dir).resolve().parent
+            plan = job.method.plan(
+                model, job.config, job.data, job.progress, weights=job.lazy, scratch=scratch
+            )
         except UnreachableTargetError as error:
             if job.config.ratio_of == "model":
                 raise

@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .allocation import RankPlan
 from .calibration.data import CalibrationSet
-from .calibration.walker import BlockStream, capture_block_inputs, chunk_batch_size
+from .calibration.walker import BlockStream, embed_inputs
 from .checkpoint import PartialOutput, SafetensorsWriter, TensorSpec, ensure_free_space
 from .checkpoint_format import build_skeleton, weights_metadata, with_ranks
 from .configs import LowRankConfig
@@ -102,10 +102,12 @@ class LazyCheckpoint:
         names = [n for n in self._tensor_names(prefix) if n in self.specs]
         for name, tensor in self.read(names).items():
             set_module_tensor_to_device(self.model, name, "cpu", value=tensor.float())
+        self.model.tie_weights()  # a tied head shares the embedding just read, not its meta placeholder
 
     def release(self, prefix: str) -> None:
         for name in self._tensor_names(prefix):
             set_module_tensor_to_device(self.model, name, "meta")
+        self.model.tie_weights()
 
     def _tensor_names(self, prefix: str) -> list[str]:
         return [
@@ -178,7 +180,7 @@ def compress_streaming(
     """Compress ``source`` block by block into ``save_dir``; resumes a killed run of the same command."""
     map_large_allocations()
     model = source.model
-    blocks_name, blocks = find_blocks(model)
+    blocks_name, _ = find_blocks(model)
     fingerprint = _fingerprint(source, config, plan, data.input_ids)
     specs = output_specs(source, config, plan)
     with PartialOutput(save_dir, overwrite, fingerprint, resumable=True) as partial:
@@ -193,7 +195,7 @@ def compress_streaming(
             for name in specs:  # embeddings, final norm, untied lm_head: copied one at a time
                 if not name.startswith(blocks_name + "."):
                     writer.write(source.read([name]))
-            save_streams(partial.path / _HIDDEN_FILE, _embed(source, blocks, data.input_ids), None)
+            save_streams(partial.path / _HIDDEN_FILE, embed_inputs(model, data.input_ids, source), None)
         # Copies: the walker updates the streams in place, and loaded tensors are read-only file views.
         saved = {name: tensor.clone() for name, tensor in load_file(partial.path / _HIDDEN_FILE).items()}
         residency = StreamingBlocks(source, blocks_name, writer, partial)
@@ -223,18 +225,6 @@ def save_streams(path: Path, hidden: torch.Tensor, reference: torch.Tensor | Non
     writer.create()
     writer.write(streams)
     temporary.replace(path)
-
-
-def _embed(source: LazyCheckpoint, blocks: nn.ModuleList, input_ids: torch.Tensor) -> torch.Tensor:
-    """Hidden states entering the first block; only the input embeddings are loaded, briefly."""
-    embeddings = _module_name(source.model, source.model.get_input_embeddings())
-    source.load(embeddings)
-    try:
-        return capture_block_inputs(
-            source.model, blocks, input_ids, chunk_batch_size(blocks, input_ids.shape[1])
-        )
-    finally:
-        source.release(embeddings)
 
 
 def _fingerprint(
@@ -268,7 +258,3 @@ def _weight_files(directory: Path) -> dict[Path, list[str]]:
         f"{directory} has no model.safetensors or model.safetensors.index.json; streaming compression reads "
         "safetensors checkpoints (load the model and save it with save_pretrained once)"
     )
-
-
-def _module_name(model: nn.Module, module: nn.Module) -> str:
-    return next(name for name, candidate in model.named_modules() if candidate is module)

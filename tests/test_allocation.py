@@ -4,8 +4,11 @@ import torch
 from optimum_rom import RomConfig
 from optimum_rom.allocation import UnreachableTargetError, plan_by_damage, rank_for_budget
 from optimum_rom.calibration.data import CalibrationSet
+from optimum_rom.calibration.gradients import LOSS_GROUP, OutputGradients
+from optimum_rom.calibration.walker import BlockStream, ReadOnlyBlocks, embed_inputs, walk_blocks
 from optimum_rom.passes.rom import plan_rom
-from optimum_rom.structure import count_parameters, decoder_linear_parameters, find_linear_sites
+from optimum_rom.streaming import LazyCheckpoint
+from optimum_rom.structure import count_parameters, decoder_linear_parameters, find_blocks, find_linear_sites
 
 from .conftest import ARCHITECTURES, tiny_model
 
@@ -71,6 +74,63 @@ def test_a_compressed_checkpoint_records_both_accountings(model_dir, calibration
     }
     card = (tmp_path / "rom" / "README.md").read_text()
     assert f"{report.linear_ratio:.3f} of its decoder linears (target 0.7 of the decoder linears)" in card
+
+
+def whole_model_output_gradients(model, data, sites):
+    """Mean squared loss gradient at each linear's output, by autograd through the whole model."""
+    totals = {site.name: 0.0 for site in sites}
+    counts = dict.fromkeys(totals, 0)
+
+    def record(name):
+        def hook(module, grad_input, grad_output):
+            totals[name] += grad_output[0].double().pow(2).sum().item()
+            counts[name] += grad_output[0].numel()
+
+        return hook
+
+    hooks = [model.get_submodule(site.name).register_full_backward_hook(record(site.name)) for site in sites]
+    for ids, labels in zip(data.input_ids.split(LOSS_GROUP), data.labels().split(LOSS_GROUP), strict=True):
+        if (labels[:, 1:] != -100).any():  # a group of sequences with no target token has no loss
+            embedded = model.get_input_embeddings()(ids).detach().requires_grad_()
+            model(inputs_embeds=embedded, labels=labels, use_cache=False).loss.backward()
+    for hook in hooks:
+        hook.remove()
+    return {name: totals[name] / counts[name] for name in totals}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("streamed", [False, True])
+def test_gradients_measured_block_by_block_equal_the_whole_model_backward(arch, streamed, tmp_path):
+    model = tiny_model(arch)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (20, 32), generator=generator)
+    targets = torch.rand(20, 32, generator=generator) > 0.5  # chat data: only some tokens are targets
+    targets[8:16] = False  # and one group of sequences has none
+    data = CalibrationSet(ids, targets)
+    expected = whole_model_output_gradients(model, data, find_linear_sites(model))
+
+    weights = None
+    if streamed:  # from disk, one block at a time, the model itself on the meta device
+        model.save_pretrained(tmp_path / "dense")
+        weights = LazyCheckpoint(tmp_path / "dense")
+        model = weights.model
+    blocks_name, blocks = find_blocks(model)
+    gradients = OutputGradients(model, data, scratch=tmp_path)
+    stream = weights and BlockStream(
+        ReadOnlyBlocks(weights, blocks_name), 0, embed_inputs(model, ids, weights)
+    )
+    with torch.no_grad():
+        for step in walk_blocks(model, ids, progress=False, stream=stream):
+            gradients.record(step, last=step.index == len(blocks) - 1)
+    by_block = {}
+    for site in find_linear_sites(model):
+        by_block.setdefault(site.block, []).append(site.name)
+    measured = gradients.backward(by_block, weights, progress=False)
+
+    assert measured.keys() == expected.keys()
+    for name, value in expected.items():
+        assert measured[name] == pytest.approx(value, rel=1e-9), name
+    assert list(tmp_path.glob(".rom-gradients-*")) == []  # the spilled inputs are gone
 
 
 def test_adaptive_allocation_needs_calibration_data():

@@ -25,9 +25,21 @@ def digest(path):
     return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize(("arch", "shards"), [("llama", None), ("gemma", None), ("llama", "100KB")])
+AUTO = {"allocation": "adaptive", "refine_epochs": 1}  # what --preset auto streams: gradients and refinement
+
+
+@pytest.mark.parametrize(
+    ("arch", "shards", "options"),
+    [
+        ("llama", None, {}),
+        ("gemma", None, {}),
+        ("llama", "100KB", {}),
+        ("llama", None, AUTO),
+        ("gemma", None, AUTO),
+    ],
+)
 def test_streamed_and_in_memory_compression_give_the_same_model(
-    arch, shards, model_dir, calibration_file, tokenizer, tmp_path
+    arch, shards, options, model_dir, calibration_file, tokenizer, tmp_path
 ):
     dense = model_dir(arch)
     if shards:  # a model saved in several files streams the same
@@ -37,14 +49,20 @@ def test_streamed_and_in_memory_compression_give_the_same_model(
         assert len(list(dense.glob("model-*.safetensors"))) > 2
     streamed = LowRankOptimizer.from_pretrained(dense)
     streamed.compress(
-        RomConfig(**CONFIG), calibration=calibration_file, save_dir=tmp_path / "streamed", progress=False
+        RomConfig(**CONFIG, **options),
+        calibration=calibration_file,
+        save_dir=tmp_path / "streamed",
+        progress=False,
     )
     assert streamed.report.streamed
 
     in_memory = LowRankOptimizer.from_pretrained(dense)
     assert in_memory.model.num_parameters() > 0  # loading the model first selects the in-memory path
     in_memory.compress(
-        RomConfig(**CONFIG), calibration=calibration_file, save_dir=tmp_path / "memory", progress=False
+        RomConfig(**CONFIG, **options),
+        calibration=calibration_file,
+        save_dir=tmp_path / "memory",
+        progress=False,
     )
     assert not in_memory.report.streamed
 
@@ -75,7 +93,7 @@ KILL_AFTER_SECOND_BLOCK = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("options", [{}, {"target": "dense", "refine_epochs": 1}])
+@pytest.mark.parametrize("options", [{}, {"target": "dense", "refine_epochs": 1}, AUTO])
 def test_a_killed_run_resumes_and_produces_the_identical_checkpoint(
     options, model_dir, calibration_file, tmp_path
 ):

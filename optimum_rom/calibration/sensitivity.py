@@ -15,17 +15,18 @@ no gradient) 266.7; it keeps early and value/key projections dense, where errors
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from ..structure import LinearSite
-from ..training import frozen_except
+from ..structure import LinearSite, find_blocks
 from .data import CalibrationSet
+from .gradients import OutputGradients
 from .statistics import collect_block_statistics
-from .walker import walk_blocks
+from .walker import BlockStream, ReadOnlyBlocks, WeightSource, embed_inputs, walk_blocks
 
-GRADIENT_SAMPLES = 32  # sequences for the gradient pass (its cost: one forward + backward each)
-GRADIENT_BATCH = 8
+GRADIENT_SAMPLES = 32  # sequences for the gradient pass (its cost: one more forward + a backward each)
 
 
 def measure_damage(
@@ -34,73 +35,39 @@ def measure_damage(
     sites: list[LinearSite],
     center: bool = True,
     progress: bool = True,
+    weights: WeightSource | None = None,
+    scratch: Path | None = None,
 ) -> dict[str, torch.Tensor]:
     """``damage[name][r]``: estimated loss increase of keeping rank ``r`` of that linear (float64).
 
-    Two passes over the dense model: a forward/backward on a few calibration sequences for
-    the output gradients (of the loss on the data's target tokens: what the assistant says, for
-    chat data), and the block-by-block walk for the output spectra (every token).
+    One forward walk over the dense model, block by block, measures the output spectra (every
+    token) and keeps the inputs of a few sequences; a backward walk then finds the loss gradients
+    at the linears' outputs on those (see optimum_rom.calibration.gradients). With ``weights`` the
+    model is on the meta device and each block is read when it is needed: one block in memory.
+    ``scratch`` is where the kept inputs go (default: the system's temporary directory).
     """
-    gradients = mean_squared_output_gradients(model, data.rows(slice(GRADIENT_SAMPLES)), sites)
-    spectra = output_spectra(model, data.input_ids, sites, center, progress)
-    damage = {}
-    for site in sites:
-        values = spectra[site.name]
-        tail = torch.cat([values.flip(0).cumsum(0).flip(0), values.new_zeros(1)])
-        damage[site.name] = tail * gradients[site.name]
-    return damage
-
-
-def mean_squared_output_gradients(
-    model: nn.Module, data: CalibrationSet, sites: list[LinearSite]
-) -> dict[str, float]:
-    """Mean over tokens and output features of (d loss / d output)^2, per linear.
-
-    Gradients flow from an embedding input that requires them; the weights are frozen for the
-    pass, so no weight gradient (a model-sized buffer) is ever allocated.
-    """
-    totals = {site.name: 0.0 for site in sites}
-    counts = dict.fromkeys(totals, 0)
-
-    def make_hook(name: str):
-        def hook(module, grad_input, grad_output):
-            gradient = grad_output[0].detach()
-            totals[name] += gradient.double().pow(2).sum().item()
-            counts[name] += gradient.numel()
-
-        return hook
-
-    hooks = [model.get_submodule(s.name).register_full_backward_hook(make_hook(s.name)) for s in sites]
-    embeddings = model.get_input_embeddings()
-    try:
-        with frozen_except(model), torch.enable_grad():
-            batches = zip(
-                data.input_ids.split(GRADIENT_BATCH), data.labels().split(GRADIENT_BATCH), strict=True
-            )
-            for batch, labels in batches:
-                if not (labels[:, 1:] != -100).any():
-                    continue  # no target token: no loss to differentiate
-                batch, labels = batch.to(embeddings.weight.device), labels.to(embeddings.weight.device)
-                inputs = embeddings(batch).detach().requires_grad_()
-                model(inputs_embeds=inputs, labels=labels, use_cache=False).loss.backward()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {name: totals[name] / max(counts[name], 1) for name in totals}
-
-
-def output_spectra(
-    model: nn.Module, input_ids: torch.Tensor, sites: list[LinearSite], center: bool, progress: bool
-) -> dict[str, torch.Tensor]:
-    """Eigenvalues (descending) of each linear's output covariance on the calibration data."""
     by_block: dict[int, list[str]] = {}
     for site in sites:
         by_block.setdefault(site.block, []).append(site.name)
+    blocks_name, blocks = find_blocks(model)
+    gradients = OutputGradients(model, data.rows(slice(GRADIENT_SAMPLES)), scratch)
+    stream = None
+    if weights is not None:
+        stream = BlockStream(
+            ReadOnlyBlocks(weights, blocks_name), 0, embed_inputs(model, data.input_ids, weights)
+        )
     spectra = {}
     with torch.no_grad():
-        for step in walk_blocks(model, input_ids, desc="sensitivity", progress=progress):
+        for step in walk_blocks(model, data.input_ids, desc="sensitivity", progress=progress, stream=stream):
+            gradients.record(step, last=step.index == len(blocks) - 1)
             linears = {name: model.get_submodule(name) for name in by_block.get(step.index, [])}
             statistics = collect_block_statistics(step, linears)
             for name, linear in linears.items():
                 spectra[name] = statistics[name].output_spectrum(linear.weight, center)
-    return spectra
+    squared = gradients.backward(by_block, weights, progress)
+    damage = {}
+    for site in sites:
+        values = spectra[site.name]
+        tail = torch.cat([values.flip(0).cumsum(0).flip(0), values.new_zeros(1)])
+        damage[site.name] = tail * squared[site.name]
+    return damage

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -78,6 +78,32 @@ class BlockResidency(Protocol):
     ) -> None: ...
 
 
+class WeightSource(Protocol):
+    """A model whose weights are not all in memory (``streaming.LazyCheckpoint``): the tensors named
+    ``prefix`` or under it are read on :meth:`load` and dropped again on :meth:`release`."""
+
+    def load(self, prefix: str) -> None: ...
+
+    def release(self, prefix: str) -> None: ...
+
+
+class ReadOnlyBlocks:
+    """A walk's residency for measuring a model that stays unchanged: load each block, then drop it."""
+
+    def __init__(self, weights: WeightSource, blocks_name: str) -> None:
+        self.weights = weights
+        self.blocks_name = blocks_name
+
+    def load(self, index: int, block: nn.Module) -> None:
+        self.weights.load(f"{self.blocks_name}.{index}")
+
+    def done(
+        self, index: int, block: nn.Module, hidden: torch.Tensor, reference: torch.Tensor | None
+    ) -> None:
+        self.weights.release(f"{self.blocks_name}.{index}")
+        return_freed_memory()
+
+
 @dataclass
 class BlockStream:
     """How a walk runs: where blocks live and where it starts (``start`` > 0 resumes a run)."""
@@ -91,6 +117,7 @@ class BlockStream:
 def call_block(block: nn.Module, hidden: torch.Tensor, call_kwargs: dict[str, Any]) -> torch.Tensor:
     """Call a decoder block the way its model does; return the hidden states it produces."""
     kwargs = dict(call_kwargs)
+    kwargs.pop("_tuple_output", None)
     if kwargs.pop("_hidden_as_kwarg", False):
         output = block(hidden_states=hidden, **kwargs)
     else:
@@ -128,6 +155,7 @@ def _record_block_kwargs(
             if hidden.shape != probe.shape:
                 raise StopForward  # the previous recorder returned the wrong kind of output
             kwargs["_hidden_as_kwarg"] = not args
+            kwargs["_tuple_output"] = as_tuple
             recorded.append(kwargs)
             if index == len(blocks) - 1:
                 raise StopForward
@@ -135,20 +163,42 @@ def _record_block_kwargs(
 
         return recorder
 
-    # An instance attribute shadows the class's forward (accelerate's hooks patch it the same way).
+    with replaced_forwards(blocks, make_recorder), torch.no_grad(), contextlib.suppress(StopForward):
+        model(inputs_embeds=probe, use_cache=False)
+    return recorded if len(recorded) == len(blocks) else None
+
+
+@contextlib.contextmanager
+def replaced_forwards(blocks: nn.ModuleList, make_forward: Callable[[int], Callable]) -> Iterator[None]:
+    """Blocks whose forward is ``make_forward(index)`` for the duration (the model around them unchanged).
+
+    An instance attribute shadows the class's forward (accelerate's hooks patch it the same way).
+    """
     previous = [block.__dict__.get("forward") for block in blocks]
     for index, block in enumerate(blocks):
-        block.forward = make_recorder(index)
+        block.forward = make_forward(index)
     try:
-        with torch.no_grad(), contextlib.suppress(StopForward):
-            model(inputs_embeds=probe, use_cache=False)
+        yield
     finally:
         for block, forward in zip(blocks, previous, strict=True):
             if forward is None:
                 del block.forward
             else:
                 block.forward = forward
-    return recorded if len(recorded) == len(blocks) else None
+
+
+def head_logits(
+    model: nn.Module, blocks: nn.ModuleList, hidden: torch.Tensor, call_kwargs: list[dict[str, Any]]
+) -> torch.Tensor:
+    """The model's logits when its last block outputs ``hidden``: the model's own final norm, head and
+    logit processing, with no block run (every block hands ``hidden`` on)."""
+    as_tuple = call_kwargs[-1]["_tuple_output"]
+
+    def make_output(index: int):
+        return lambda *args, **kwargs: (hidden,) if as_tuple else hidden
+
+    with replaced_forwards(blocks, make_output):
+        return model(inputs_embeds=hidden.detach().new_zeros(hidden.shape), use_cache=False).logits
 
 
 def capture_block_inputs(
@@ -170,6 +220,23 @@ def capture_block_inputs(
     finally:
         handle.remove()
     return torch.cat(chunks).float()
+
+
+def embed_inputs(
+    model: nn.Module, input_ids: torch.Tensor, weights: WeightSource | None = None
+) -> torch.Tensor:
+    """Hidden states entering the first block; with ``weights``, only the input embeddings are loaded, briefly."""
+    _, blocks = find_blocks(model)
+    batch_size = chunk_batch_size(blocks, input_ids.shape[1])
+    if weights is None:
+        return capture_block_inputs(model, blocks, input_ids, batch_size)
+    embeddings = model.get_input_embeddings()
+    name = next(name for name, module in model.named_modules() if module is embeddings)
+    weights.load(name)
+    try:
+        return capture_block_inputs(model, blocks, input_ids, batch_size)
+    finally:
+        weights.release(name)
 
 
 def chunk_batch_size(blocks: nn.ModuleList, seq_len: int) -> int:
@@ -199,10 +266,9 @@ def walk_blocks(
     batch_size = chunk_batch_size(blocks, seq_len)
     call_kwargs = capture_block_kwargs(model, blocks, seq_len)
     start = stream.start if stream else 0
-    if stream is not None and stream.hidden is not None:
-        hidden = stream.hidden
-    else:
-        hidden = capture_block_inputs(model, blocks, input_ids, batch_size)
+    hidden = (
+        stream.hidden if stream is not None and stream.hidden is not None else embed_inputs(model, input_ids)
+    )
     check_finite(hidden, "the embeddings")
     dense = None
     if reference:

@@ -28,7 +28,7 @@ class RomConfig(LowRankConfig):
             ``"paper"``: only the trailing blocks, as the paper does (its leading blocks stay dense).
             ``"adaptive"``: each linear's rank from its measured damage (output spectrum weighted by
             the loss gradient at its output), spending the budget where it hurts least; some
-            linears stay dense. Needs the model in memory (no streaming).
+            linears stay dense. Streams like the others: the gradients are measured block by block.
         num_trailing_blocks: for ``"paper"``: how many trailing blocks to compress. ``None``
             picks the count at which each compressed matrix keeps about half of its parameters,
             which is what the paper's 80% LLaMA-7B setting amounts to.

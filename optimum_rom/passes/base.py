@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from ..allocation import RankPlan
-from ..calibration.walker import BlockStream
+from ..calibration.walker import BlockStream, WeightSource
 from ..configs import LowRankConfig
 
 
@@ -35,7 +35,8 @@ class CompressionPass:
     ``quant_method``), ``data`` (what ``plan`` / ``check`` / ``apply`` are given), ``resumable``
     (``apply`` keeps its progress in ``work_dir`` and continues from it), and :meth:`can_stream`
     (for a given config, ``apply`` works block by block on a model that is not in memory, with
-    ``stream``).
+    ``stream``). ``plan`` is given the model's :class:`WeightSource` when the model is on the meta
+    device (a streamed run) and a ``scratch`` directory for what a measurement spills to disk.
     """
 
     config_class: ClassVar[type[LowRankConfig]]
@@ -45,7 +46,16 @@ class CompressionPass:
     def can_stream(self, config: LowRankConfig) -> bool:
         return False
 
-    def plan(self, model: nn.Module, config: LowRankConfig, data: Any, progress: bool = True) -> RankPlan:
+    def plan(
+        self,
+        model: nn.Module,
+        config: LowRankConfig,
+        data: Any,
+        progress: bool = True,
+        *,
+        weights: WeightSource | None = None,
+        scratch: Path | None = None,
+    ) -> RankPlan:
         raise NotImplementedError
 
     def check(self, config: LowRankConfig, plan: RankPlan, data: Any) -> None:

@@ -14,6 +14,8 @@ outputs of the already-compressed blocks before it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -21,7 +23,7 @@ from ..allocation import RankPlan, model_ratio, plan_by_damage, plan_model
 from ..calibration.data import CalibrationSet
 from ..calibration.sensitivity import measure_damage
 from ..calibration.statistics import CrossMoments, LinearStatistics, collect_block_statistics
-from ..calibration.walker import BlockStep, BlockStream, walk_blocks
+from ..calibration.walker import BlockStep, BlockStream, WeightSource, walk_blocks
 from ..configs import RomConfig
 from ..layers import FactorizedLinear
 from ..linalg import top_left_singular_vectors
@@ -31,18 +33,24 @@ from .base import CompressionPass
 
 
 def plan_rom(
-    model: nn.Module, config: RomConfig, data: CalibrationSet | None = None, progress: bool = True
+    model: nn.Module,
+    config: RomConfig,
+    data: CalibrationSet | None = None,
+    progress: bool = True,
+    weights: WeightSource | None = None,
+    scratch: Path | None = None,
 ) -> RankPlan:
     """Ranks for every linear, from the config's size target and allocation mode.
 
-    ``"adaptive"`` measures every linear's damage curve on ``data`` first (a dense pass,
-    see optimum_rom.calibration.sensitivity); the other modes need no data.
+    ``"adaptive"`` measures every linear's damage curve on ``data`` first (a dense pass, block by
+    block, reading each block from ``weights`` if the model is on the meta device; see
+    optimum_rom.calibration.sensitivity); the other modes need no data.
     """
     if config.allocation == "adaptive":
         if data is None:
             raise ValueError("allocation='adaptive' measures the model on calibration data: pass data")
         sites = find_linear_sites(model, config.target_modules)
-        damage = measure_damage(model, data, sites, config.center, progress)
+        damage = measure_damage(model, data, sites, config.center, progress, weights, scratch)
         return plan_by_damage(
             sites, count_parameters(model), model_ratio(config, model), config.center, damage
         )
@@ -160,18 +168,25 @@ def corrected_factors(
 
 
 class RomPass(CompressionPass):
-    """ROM: calibration windows in, factorized linears out; streams unless the allocation is adaptive
-    (its gradient pass needs the whole model)."""
+    """ROM: calibration windows in, factorized linears out; streams with every allocation (adaptive
+    allocation measures its gradients block by block too)."""
 
     config_class = RomConfig
 
     def can_stream(self, config: RomConfig) -> bool:
-        return config.allocation != "adaptive"
+        return True
 
     def plan(
-        self, model: nn.Module, config: RomConfig, data: CalibrationSet, progress: bool = True
+        self,
+        model: nn.Module,
+        config: RomConfig,
+        data: CalibrationSet,
+        progress: bool = True,
+        *,
+        weights: WeightSource | None = None,
+        scratch: Path | None = None,
     ) -> RankPlan:
-        return plan_rom(model, config, data, progress)
+        return plan_rom(model, config, data, progress, weights, scratch)
 
     def check(self, config: RomConfig, plan: RankPlan, data: CalibrationSet) -> None:
         check_calibration_size(config, plan, data)

@@ -60,7 +60,9 @@ class SvdPass(CompressionPass):
     config_class = SvdConfig
     data = PassData.NONE
 
-    def plan(self, model: nn.Module, config: SvdConfig, data: None = None, progress: bool = True) -> RankPlan:
+    def plan(
+        self, model: nn.Module, config: SvdConfig, data: None = None, progress: bool = True, **_
+    ) -> RankPlan:
         return plan_svd(model, config)
 
     def apply(self, model, config, data, plan, *, progress=True, stream=None, work_dir=None) -> None:

@@ -134,7 +134,7 @@ class BasisSelectionPass(CompressionPass):
     resumable = True
 
     def plan(
-        self, model: nn.Module, config: BasisSelectionConfig, data=None, progress: bool = True
+        self, model: nn.Module, config: BasisSelectionConfig, data=None, progress: bool = True, **_
     ) -> RankPlan:
         return plan_basis_selection(model, config)
 
