@@ -90,6 +90,11 @@ def stored_bytes(model: torch.nn.Module) -> int:
     return sum(tensor.nbytes for tensor in unique.values())
 
 
+def existing_parent(output: Path) -> Path:
+    """The nearest existing directory above ``output``: where it would be created (and its disk)."""
+    return next(p for p in Path(output).resolve().parents if p.exists())
+
+
 def check_writable(directory: Path) -> None:
     """Fail now, not after the work, if nothing can be created in ``directory`` (or where it would be made)."""
     existing = next(p for p in (directory, *directory.parents) if p.exists())
@@ -107,8 +112,7 @@ def check_writable(directory: Path) -> None:
 
 def check_output_space(output: str | Path, needed: int) -> None:
     """Refuse a run whose output (``needed`` bytes) will not fit where it is going to be written."""
-    output = Path(output).resolve()
-    ensure_free_space(next(p for p in output.parents if p.exists()), needed)
+    ensure_free_space(existing_parent(Path(output)), needed)
 
 
 @contextmanager

@@ -26,7 +26,14 @@ from .calibration.data import (
     load_calibration,
 )
 from .chat import Answerer, files_identity, weights_identity
-from .checkpoint import atomic_directory, check_output_dir, check_output_space, default_work_dir, stored_bytes
+from .checkpoint import (
+    atomic_directory,
+    check_output_dir,
+    check_output_space,
+    default_work_dir,
+    existing_parent,
+    stored_bytes,
+)
 from .checkpoint_format import factorized_ranks
 from .configs import HealingSpec, LowRankConfig
 from .healing import AnswerLoss, HealingReport, WindowLoss, heal
@@ -286,7 +293,7 @@ class LowRankOptimizer(OptimumQuantizer):
             check_materialized(model)
         check_finite_weights(job.lazy.tensors() if job.streamed else model.named_parameters())
         try:
-            scratch = None if job.save_dir is None else Path(job.save_dir).resolve().parent
+            scratch = None if job.save_dir is None else existing_parent(Path(job.save_dir))
             plan = job.method.plan(
                 model, job.config, job.data, job.progress, weights=job.lazy, scratch=scratch
             )

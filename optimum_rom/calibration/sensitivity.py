@@ -61,7 +61,8 @@ def measure_damage(
         for step in walk_blocks(model, data.input_ids, desc="sensitivity", progress=progress, stream=stream):
             gradients.record(step, last=step.index == len(blocks) - 1)
             linears = {name: model.get_submodule(name) for name in by_block.get(step.index, [])}
-            statistics = collect_block_statistics(step, linears)
+            step.outputs = torch.empty_like(step.inputs)  # the block stays dense: one forward serves both
+            statistics = collect_block_statistics(step, linears, outputs=step.outputs)
             for name, linear in linears.items():
                 spectra[name] = statistics[name].output_spectrum(linear.weight, center)
     squared = gradients.backward(by_block, weights, progress)

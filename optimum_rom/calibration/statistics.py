@@ -145,7 +145,7 @@ class LinearStatistics:
 
 
 def collect_block_statistics(
-    step: BlockStep, linears: dict[str, nn.Linear], paired: bool = False
+    step: BlockStep, linears: dict[str, nn.Linear], paired: bool = False, outputs: torch.Tensor | None = None
 ) -> dict[str, LinearStatistics]:
     """Statistics of every given linear, from one pass of ``step``'s block over its inputs.
 
@@ -155,6 +155,8 @@ def collect_block_statistics(
     Linears sharing an input share one :class:`LinearStatistics`; each pass stops once the
     last measured linear has been seen. ``paired`` (needs the walker's reference stream) also
     runs the block on the dense model's hidden states and pairs every input with its dense twin.
+    With ``outputs``, the passes run to the block's end and its outputs are written there: the
+    forward a caller would otherwise run again (for refinement targets, or the next block's inputs).
     """
     groups = shared_input_groups(step, linears)
     stats: dict[str, LinearStatistics] = {}
@@ -172,16 +174,19 @@ def collect_block_statistics(
 
     for start in range(0, step.inputs.shape[0], step.batch_size):
         chunk = slice(start, start + step.batch_size)
-        if not paired:
-            _run_until_measured(step, step.inputs[chunk], [_measurer(m) for _, m in leaders], leaders)
-            continue
-        dense_inputs: list[torch.Tensor] = []
-        _run_until_measured(step, step.reference_inputs[chunk], [dense_inputs.append] * len(leaders), leaders)
-        pairs = [
-            lambda x, m=measured, z=z: m.moments.update_pair(x, z)
-            for (_, measured), z in zip(leaders, dense_inputs, strict=True)
-        ]
-        _run_until_measured(step, step.inputs[chunk], pairs, leaders)
+        receivers = [_measurer(measured) for _, measured in leaders]
+        if paired:
+            dense_inputs: list[torch.Tensor] = []
+            _run_until_measured(
+                step, step.reference_inputs[chunk], [dense_inputs.append] * len(leaders), leaders
+            )
+            receivers = [
+                lambda x, m=measured, z=z: m.moments.update_pair(x, z)
+                for (_, measured), z in zip(leaders, dense_inputs, strict=True)
+            ]
+        result = _run_until_measured(step, step.inputs[chunk], receivers, leaders, stop=outputs is None)
+        if outputs is not None:
+            outputs[chunk] = result
     return stats
 
 
@@ -189,11 +194,14 @@ def _measurer(measured: LinearStatistics):
     return measured.moments.update
 
 
-def _run_until_measured(step: BlockStep, hidden: torch.Tensor, receivers: list, leaders: list) -> None:
+def _run_until_measured(
+    step: BlockStep, hidden: torch.Tensor, receivers: list, leaders: list, stop: bool = True
+) -> torch.Tensor | None:
     """Run the block on ``hidden``, handing each leader's input (its output, for output-site
-    statistics) to its receiver, and stop once the last one has been handed over."""
+    statistics) to its receiver; ``stop`` once the last one has been handed over, or else return
+    the block's output."""
     handles = []
-    last = len(leaders) - 1
+    last = len(leaders) - 1 if stop else -1
 
     def make_hook(index: int, output_site: bool):
         def receive(value: torch.Tensor) -> None:
@@ -214,7 +222,7 @@ def _run_until_measured(step: BlockStep, hidden: torch.Tensor, receivers: list, 
             handles.append(leader.register_forward_pre_hook(make_hook(index, False)))
     try:
         with torch.no_grad(), contextlib.suppress(StopForward):
-            call_block(step.block, hidden, step.call_kwargs)
+            return call_block(step.block, hidden, step.call_kwargs)
     finally:
         for handle in handles:
             handle.remove()

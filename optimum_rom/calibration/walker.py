@@ -53,6 +53,9 @@ class BlockStep:
     # dense block makes of them (the targets of error-correcting passes).
     reference_inputs: torch.Tensor | None = field(default=None, repr=False)
     reference_outputs: torch.Tensor | None = field(default=None, repr=False)
+    # Set by a pass that ran the block, unchanged, over ``inputs``: the walker takes these as the
+    # next block's inputs instead of running the block again.
+    outputs: torch.Tensor | None = field(default=None, repr=False)
 
     def forward(self, inputs: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Run the block (as it is now) over ``inputs`` (default: this step's inputs), in chunks.
@@ -285,7 +288,10 @@ def walk_blocks(
                 step.reference_inputs, step.reference_outputs = dense, step.forward(dense)
             yield step
             return_freed_memory()  # what the pass freed (dense weights, statistics) before the block runs
-            step.forward(out=hidden)
+            if step.outputs is not None:
+                hidden.copy_(step.outputs)
+            else:
+                step.forward(out=hidden)
             check_finite(hidden, f"block {index}")
             if dense is not None:
                 dense = step.reference_outputs

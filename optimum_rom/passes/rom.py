@@ -99,8 +99,10 @@ def _compress_block(
     linears = {name: model.get_submodule(name) for name in ranks}
     targets = None
     if config.refine_epochs:  # what the dense block makes of the inputs it will see
-        targets = step.reference_outputs if reference else step.forward()
-    stats = collect_block_statistics(step, linears, paired=reference)
+        targets = step.reference_outputs if reference else torch.empty_like(step.inputs)
+    # the statistics' forward runs on to the block's end when its outputs are the targets
+    outputs = targets if targets is not None and not reference else None
+    stats = collect_block_statistics(step, linears, paired=reference, outputs=outputs)
     for name, rank in ranks.items():  # popped: each dense weight and group's statistics go once used
         set_module(model, name, rom_factorize(linears.pop(name), stats.pop(name), rank, config.center))
     if targets is not None:
