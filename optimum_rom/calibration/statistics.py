@@ -106,11 +106,19 @@ class LinearStatistics:
         return self.moments.covariance() if center else self.moments.second_moment()
 
     def input_root(self, center: bool) -> torch.Tensor:
-        """``L`` with ``L L^T`` = the input's second moment; computed once for all linears sharing it."""
+        """``L`` with ``L L^T`` = the input's second moment; computed once for all linears sharing it.
+
+        Any such ``L`` gives the same ``F F^T = W C W^T``: the Cholesky factor is an order of
+        magnitude cheaper than the eigendecomposition, which remains for a singular covariance
+        (fewer tokens than features, dead channels), where Cholesky fails.
+        """
         if center not in self._roots:
-            second = self.second_moment(center)
-            values, vectors = torch.linalg.eigh(symmetric(second))
-            self._roots[center] = vectors * values.clamp(min=0).sqrt()
+            second = symmetric(self.second_moment(center))
+            lower, info = torch.linalg.cholesky_ex(second)
+            if info.item() != 0:
+                values, vectors = torch.linalg.eigh(second)
+                lower = vectors * values.clamp(min=0).sqrt()
+            self._roots[center] = lower
         return self._roots[center]
 
     def principal_output_basis(self, weight: torch.Tensor, rank: int, center: bool) -> torch.Tensor:
