@@ -247,7 +247,7 @@ class PartialOutput:
         self.work.__exit__(kind, error, traceback)
         if error is None:
             return
-        keep = self.resumable and self.progress and _rerun_can_continue(error)
+        keep = self.resumable and self.progress and rerun_can_continue(error)
         if not keep:
             shutil.rmtree(self.path, ignore_errors=True)
         if is_disk_full(error) and not isinstance(error, DiskFullError):
@@ -276,7 +276,7 @@ def write_text_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def _rerun_can_continue(error: BaseException) -> bool:
+def rerun_can_continue(error: BaseException) -> bool:
     """Failures the same command can get past (not bad input, which would fail the same way)."""
     return isinstance(error, (KeyboardInterrupt, MemoryError, OSError)) or is_disk_full(error)
 

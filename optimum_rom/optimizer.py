@@ -27,11 +27,12 @@ from .calibration.data import (
 )
 from .chat import Answerer, files_identity, weights_identity
 from .checkpoint import (
+    WorkDir,
     atomic_directory,
     check_output_dir,
     check_output_space,
     default_work_dir,
-    existing_parent,
+    rerun_can_continue,
     stored_bytes,
 )
 from .checkpoint_format import factorized_ranks
@@ -42,7 +43,7 @@ from .model_card import write_model_card
 from .model_sources import load_causal_lm, load_model, resolve_model_path, source_name
 from .passes import CompressionPass, PassData, pass_for
 from .preflight import check_calibration_memory, check_context_length
-from .streaming import LazyCheckpoint, compress_streaming
+from .streaming import LazyCheckpoint, compress_streaming, plan_fingerprint
 from .structure import (
     check_compressible,
     check_finite_weights,
@@ -210,6 +211,16 @@ class LowRankOptimizer(OptimumQuantizer):
             )
         job = self._prepare(copy.deepcopy(config), save_dir, overwrite, work_dir, progress)
         self._load_data(job, calibration, train_dataset, task, text_field, chat, holdout)
+        try:
+            return self._compress(job)
+        except BaseException as error:  # progress is kept only for a rerun that can get past the error
+            if job.work_dir is not None and not rerun_can_continue(error):
+                shutil.rmtree(job.work_dir, ignore_errors=True)
+            raise
+
+    def _compress(self, job: _Job) -> PreTrainedModel:
+        """Plan, apply, heal, save: the stages that may leave progress in the work directory."""
+        save_dir, overwrite = job.save_dir, job.overwrite
         model, plan = self._plan(job)
         spec = job.config.healing()
         teacher = None
@@ -293,9 +304,10 @@ class LowRankOptimizer(OptimumQuantizer):
             check_materialized(model)
         check_finite_weights(job.lazy.tensors() if job.streamed else model.named_parameters())
         try:
-            scratch = None if job.save_dir is None else existing_parent(Path(job.save_dir))
-            plan = job.method.plan(
-                model, job.config, job.data, job.progress, weights=job.lazy, scratch=scratch
+            plan = (
+                self._streamed_plan(job)
+                if job.streamed
+                else job.method.plan(model, job.config, job.data, job.progress)
             )
         except UnreachableTargetError as error:
             if job.config.ratio_of == "model":
@@ -310,6 +322,23 @@ class LowRankOptimizer(OptimumQuantizer):
         if job.save_dir is not None and not job.streamed:
             check_output_space(job.save_dir, plan.kept_params * model.dtype.itemsize)
         return model, plan
+
+    def _streamed_plan(self, job: _Job) -> RankPlan:
+        """The pass's plan for a streamed run. A measured plan is kept in the work directory: a rerun of
+        a killed run finds it there instead of measuring the model again (adaptive allocation's walks
+        cost about as much as the compression). What the measurement spills goes there too."""
+        if not job.method.measures(job.config):
+            return job.method.plan(job.lazy.model, job.config, job.data, job.progress, weights=job.lazy)
+        job.work_dir = job.work_dir or default_work_dir(job.save_dir)
+        fingerprint = plan_fingerprint(job.lazy, job.config, job.data)
+        with WorkDir(job.work_dir, fingerprint, what=str(job.save_dir)) as work:
+            if "plan" in work.progress:
+                return RankPlan(**work.progress["plan"])
+            plan = job.method.plan(
+                job.lazy.model, job.config, job.data, job.progress, weights=job.lazy, scratch=job.work_dir
+            )
+            work.record(plan=asdict(plan))
+            return plan
 
     def _apply(self, job: _Job, model: nn.Module, plan: RankPlan) -> None:
         if job.streamed:

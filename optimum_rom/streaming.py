@@ -181,7 +181,7 @@ def compress_streaming(
     map_large_allocations()
     model = source.model
     blocks_name, _ = find_blocks(model)
-    fingerprint = _fingerprint(source, config, plan, data.input_ids)
+    fingerprint = plan_fingerprint(source, config, data, plan.ranks)
     specs = output_specs(source, config, plan)
     with PartialOutput(save_dir, overwrite, fingerprint, resumable=True) as partial:
         writer = SafetensorsWriter(partial.path / "model.safetensors", specs, weights_metadata())
@@ -227,18 +227,22 @@ def save_streams(path: Path, hidden: torch.Tensor, reference: torch.Tensor | Non
     temporary.replace(path)
 
 
-def _fingerprint(
-    source: LazyCheckpoint, config: LowRankConfig, plan: RankPlan, input_ids: torch.Tensor
+def plan_fingerprint(
+    source: LazyCheckpoint, config: LowRankConfig, data: CalibrationSet, ranks: dict[str, int] | None = None
 ) -> str:
+    """What a streamed run's plan (and, with its ``ranks``, its output) is a function of."""
     from . import __version__
 
+    calibration = hashlib.sha256(data.input_ids.numpy().tobytes())
+    if data.loss_mask is not None:
+        calibration.update(data.loss_mask.numpy().tobytes())
     identity = {
         "version": __version__,
         "source": str(source.directory.resolve()),
         "files": source.fingerprint(),
         "config": {k: v for k, v in config.to_dict().items() if k not in ("modules", "calibration")},
-        "ranks": plan.ranks,
-        "calibration": hashlib.sha256(input_ids.numpy().tobytes()).hexdigest(),
+        "ranks": ranks,
+        "calibration": calibration.hexdigest(),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 

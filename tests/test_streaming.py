@@ -95,7 +95,7 @@ KILL_AFTER_SECOND_BLOCK = textwrap.dedent(
 
 @pytest.mark.parametrize("options", [{}, {"target": "dense", "refine_epochs": 1}, AUTO])
 def test_a_killed_run_resumes_and_produces_the_identical_checkpoint(
-    options, model_dir, calibration_file, tmp_path
+    options, model_dir, calibration_file, tmp_path, monkeypatch
 ):
     dense = model_dir("llama")
     config = {**CONFIG, **options}  # target="dense": the journal holds the dense stream too
@@ -115,11 +115,15 @@ def test_a_killed_run_resumes_and_produces_the_identical_checkpoint(
     assert not (tmp_path / "out").exists()  # a partial run never looks like a checkpoint
     assert (tmp_path / ".out.partial" / "progress.json").is_file()
 
+    if options is AUTO:  # the measured plan was kept: the rerun does not measure the model again
+        assert (tmp_path / ".out.work" / "progress.json").is_file()
+        monkeypatch.setattr("optimum_rom.passes.rom.measure_damage", None)
     resumed = LowRankOptimizer.from_pretrained(dense)
     resumed.compress(
         RomConfig(**config), calibration=calibration_file, save_dir=tmp_path / "out", progress=False
     )
-    assert not (tmp_path / ".out.partial").exists()
+    assert not (tmp_path / ".out.partial").exists() and not (tmp_path / ".out.work").exists()
+    monkeypatch.undo()
 
     LowRankOptimizer.from_pretrained(dense).compress(
         RomConfig(**config), calibration=calibration_file, save_dir=tmp_path / "uninterrupted", progress=False

@@ -46,6 +46,10 @@ class CompressionPass:
     def can_stream(self, config: LowRankConfig) -> bool:
         return False
 
+    def measures(self, config: LowRankConfig) -> bool:
+        """Whether ``plan`` measures the model on the data: work a rerun of a streamed run should reuse."""
+        return False
+
     def plan(
         self,
         model: nn.Module,

@@ -178,6 +178,9 @@ class RomPass(CompressionPass):
     def can_stream(self, config: RomConfig) -> bool:
         return True
 
+    def measures(self, config: RomConfig) -> bool:
+        return config.allocation == "adaptive"
+
     def plan(
         self,
         model: nn.Module,
