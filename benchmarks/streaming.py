@@ -54,7 +54,9 @@ def timed(cls, phase):
 timed(walker.ReadOnlyBlocks, "measure"); timed(streaming.StreamingBlocks, "compress")
 started = time.perf_counter()
 optimizer.compress(config, calibration=calibration, save_dir=output, overwrite=True, progress=False)
-print(json.dumps({"seconds": time.perf_counter() - started, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+# VmHWM: ru_maxrss would include the parent's resident memory, kept across fork and exec
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"seconds": time.perf_counter() - started, "peak_rss_mb": peak / 1024,
                   "params_before": optimizer.report.params_before, "params_after": optimizer.report.params_after,
                   "streamed": optimizer.report.streamed, "events": events}))
 """
@@ -224,7 +226,7 @@ def depth_part(work: Path, block_counts: list[int], preset: str, samples: int) -
     return rows
 
 
-def smollm2_part(work: Path, calibration: str) -> list[dict]:
+def smollm2_part(work: Path, calibration: str, presets: list[str]) -> list[dict]:
     """Each streaming preset from disk and in memory: the same checkpoint, and the time and memory ratio."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -233,7 +235,7 @@ def smollm2_part(work: Path, calibration: str) -> list[dict]:
 
     source = fetch_known_model(DEFAULT_MODEL)
     rows = []
-    for preset in ("uniform", "auto"):
+    for preset in presets:
         runs = {}
         for mode in ("streamed", "in-memory"):
             runs[mode] = run_child(source, work / f"smollm2-{preset}-{mode}", mode, calibration, preset)
@@ -291,6 +293,7 @@ def main() -> None:
         "--eval-data", type=Path, default=Path(__file__).parents[2] / "shared/data/wiki.test.raw"
     )
     parser.add_argument("--blocks", type=int, nargs="+", default=[12, 24])
+    parser.add_argument("--smollm2-presets", nargs="+", default=["uniform", "auto"])
     parser.add_argument("--depth-preset", default="auto", help="preset of the depth part")
     parser.add_argument(
         "--depth-samples", type=int, default=128, help="calibration windows (of 128 tokens) of the depth part"
@@ -312,7 +315,7 @@ def main() -> None:
     if args.part in ("all", "presets"):
         rows += presets_part(args.work, args.calibration, args.eval_data)
     if args.part in ("all", "smollm2"):
-        rows += smollm2_part(args.work, args.calibration)
+        rows += smollm2_part(args.work, args.calibration, args.smollm2_presets)
     if args.part in ("all", "depth"):
         rows += depth_part(args.work, args.blocks, args.depth_preset, args.depth_samples)
     if args.part == "moonshot":  # hours: only when asked for
