@@ -35,7 +35,8 @@ class CompressionPass:
     ``quant_method``), ``data`` (what ``plan`` / ``check`` / ``apply`` are given), ``resumable``
     (``apply`` keeps its progress in ``work_dir`` and continues from it), and :meth:`can_stream`
     (for a given config, ``apply`` works block by block on a model that is not in memory, with
-    ``stream``). ``plan`` is given the model's :class:`WeightSource` when the model is on the meta
+    ``stream``), and :meth:`measures` (``plan`` measures the model: a streamed run keeps the plan for a
+    rerun). ``plan`` is given the model's :class:`WeightSource` when the model is on the meta
     device (a streamed run) and a ``scratch`` directory for what a measurement spills to disk.
     """
 
