@@ -81,3 +81,39 @@ def test_smollm2_zero_shot_through_the_harness_is_above_chance():
     arc = evaluate(model, tokenizer, ["arc_easy"], SHARED_DATA, options)["tasks"]["arc_easy"]
     assert arc["items"] == 24
     assert arc["acc"] > 0.45 and arc["acc_norm"] > 0.35  # chance: 0.25; measured 0.58 and 0.42
+
+
+def test_loss_gradients_measured_block_by_block_agree_with_the_whole_model_backward(optimizer, monkeypatch):
+    from optimum_rom.allocation import plan_by_damage
+    from optimum_rom.calibration import sensitivity
+    from optimum_rom.calibration.data import CalibrationSet, text_windows
+    from optimum_rom.calibration.gradients import OutputGradients
+    from optimum_rom.structure import count_parameters, find_linear_sites
+    from tests.conftest import whole_model_output_gradients
+
+    model = optimizer.model
+    data = CalibrationSet(text_windows(CALIBRATION, optimizer.tokenizer, sensitivity.GRADIENT_SAMPLES, 128))
+    sites = find_linear_sites(model)
+    measured = {}
+
+    class BothWays(OutputGradients):  # the adaptive plan's own gradients, and the reference beside them
+        def backward(self, *args):
+            measured["block by block"] = super().backward(*args)
+            measured["whole model"] = whole_model_output_gradients(model, data, sites)
+            return measured["block by block"]
+
+    monkeypatch.setattr(sensitivity, "OutputGradients", BothWays)
+    damage = sensitivity.measure_damage(model, data, sites, progress=False)
+    model.zero_grad(set_to_none=True)  # the reference's backward gave the weights gradients
+    blockwise, reference = measured["block by block"], measured["whole model"]
+    for name, value in reference.items():
+        assert blockwise[name] == pytest.approx(value, rel=1e-4), name
+
+    def ranks(gradients):
+        curves = {name: curve * gradients[name] / blockwise[name] for name, curve in damage.items()}
+        return plan_by_damage(sites, count_parameters(model), 0.8, True, curves).ranks
+
+    planned, expected = ranks(blockwise), ranks(reference)
+    assert planned.keys() == expected.keys()
+    moved = sum(abs(planned[name] - expected[name]) for name in expected)
+    assert moved <= 0.001 * sum(expected.values()), (moved, sum(expected.values()))

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small real tokenizer and tiny random models of several architectures."""
+"""Shared fixtures: a small real tokenizer and tiny random models of several architectures; the
+reference a measurement is checked against where two test modules share it."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from transformers import (  # noqa: E402
     Qwen2Config,
 )
 
-import optimum_rom  # noqa: E402, F401
+import optimum_rom  # noqa: E402
+from optimum_rom.calibration.gradients import LOSS_GROUP  # noqa: E402
 
 CALIBRATION_TEXT = Path(optimum_rom.__file__).parent / "data" / "wikitext2_valid_excerpt.txt"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -124,3 +126,25 @@ def compressed_dir(model_dir, calibration_file, tmp_path):
         return directory
 
     return make
+
+
+def whole_model_output_gradients(model, data, sites):
+    """Mean squared loss gradient at each linear's output, by autograd through the whole model."""
+    totals = {site.name: 0.0 for site in sites}
+    counts = dict.fromkeys(totals, 0)
+
+    def record(name):
+        def hook(module, grad_input, grad_output):
+            totals[name] += grad_output[0].double().pow(2).sum().item()
+            counts[name] += grad_output[0].numel()
+
+        return hook
+
+    hooks = [model.get_submodule(site.name).register_full_backward_hook(record(site.name)) for site in sites]
+    for ids, labels in zip(data.input_ids.split(LOSS_GROUP), data.labels().split(LOSS_GROUP), strict=True):
+        if (labels[:, 1:] != -100).any():  # a group of sequences with no target token has no loss
+            embedded = model.get_input_embeddings()(ids).detach().requires_grad_()
+            model(inputs_embeds=embedded, labels=labels, use_cache=False).loss.backward()
+    for hook in hooks:
+        hook.remove()
+    return {name: totals[name] / counts[name] for name in totals}

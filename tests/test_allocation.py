@@ -4,13 +4,13 @@ import torch
 from optimum_rom import RomConfig
 from optimum_rom.allocation import UnreachableTargetError, plan_by_damage, rank_for_budget
 from optimum_rom.calibration.data import CalibrationSet
-from optimum_rom.calibration.gradients import LOSS_GROUP, OutputGradients
+from optimum_rom.calibration.gradients import OutputGradients
 from optimum_rom.calibration.walker import BlockStream, ReadOnlyBlocks, embed_inputs, walk_blocks
 from optimum_rom.passes.rom import plan_rom
 from optimum_rom.streaming import LazyCheckpoint
 from optimum_rom.structure import count_parameters, decoder_linear_parameters, find_blocks, find_linear_sites
 
-from .conftest import ARCHITECTURES, tiny_model
+from .conftest import ARCHITECTURES, tiny_model, whole_model_output_gradients
 
 
 def test_rank_formula_is_the_papers():
@@ -74,28 +74,6 @@ def test_a_compressed_checkpoint_records_both_accountings(model_dir, calibration
     }
     card = (tmp_path / "rom" / "README.md").read_text()
     assert f"{report.linear_ratio:.3f} of its decoder linears (target 0.7 of the decoder linears)" in card
-
-
-def whole_model_output_gradients(model, data, sites):
-    """Mean squared loss gradient at each linear's output, by autograd through the whole model."""
-    totals = {site.name: 0.0 for site in sites}
-    counts = dict.fromkeys(totals, 0)
-
-    def record(name):
-        def hook(module, grad_input, grad_output):
-            totals[name] += grad_output[0].double().pow(2).sum().item()
-            counts[name] += grad_output[0].numel()
-
-        return hook
-
-    hooks = [model.get_submodule(site.name).register_full_backward_hook(record(site.name)) for site in sites]
-    for ids, labels in zip(data.input_ids.split(LOSS_GROUP), data.labels().split(LOSS_GROUP), strict=True):
-        if (labels[:, 1:] != -100).any():  # a group of sequences with no target token has no loss
-            embedded = model.get_input_embeddings()(ids).detach().requires_grad_()
-            model(inputs_embeds=embedded, labels=labels, use_cache=False).loss.backward()
-    for hook in hooks:
-        hook.remove()
-    return {name: totals[name] / counts[name] for name in totals}
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
