@@ -63,9 +63,9 @@ class Method:
     calibration: Callable[[Path], CalibrationSource] | None = None
 
 
-def _auto(heal_minutes: float = 0) -> Callable[..., LowRankConfig]:
+def _auto(heal_minutes: float = 0, **options) -> Callable[..., LowRankConfig]:
     return lambda ratio, **calib: RomConfig.from_preset(
-        "auto", params_ratio=ratio, heal_minutes=heal_minutes, **calib
+        "auto", params_ratio=ratio, heal_minutes=heal_minutes, **options, **calib
     )
 
 
@@ -86,6 +86,13 @@ METHODS: dict[str, Method] = {
     "rom-auto-chat-sampled": Method(_auto(), _chat(0.0, sample=True)),
     **{f"rom-auto-mix{share}": Method(_auto(), _chat(share / 100)) for share in (25, 50, 75)},
     **{f"rom-auto-mix{share}-heal15": Method(_auto(15), _chat(share / 100)) for share in (25, 50, 75)},
+    # refinement levers, each beside rom-auto (2 epochs, constant lr, factors only)
+    **{f"rom-auto-refine{epochs}": Method(_auto(refine_epochs=epochs)) for epochs in (8, 25)},
+    "rom-auto-cosine": Method(_auto(refine_schedule="cosine")),
+    "rom-auto-block": Method(_auto(refine_params="block")),
+    "rom-auto-refine8-cosine-block": Method(
+        _auto(refine_epochs=8, refine_schedule="cosine", refine_params="block")
+    ),
 }
 DEFAULT_TASKS = ["wikitext2", "chat", *ZERO_SHOT_TASKS, "gsm8k_loss"]
 GSM8K_HELD_OUT = 500  # the held-out split the application-specific pass does not train on

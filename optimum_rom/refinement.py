@@ -7,6 +7,11 @@ memory, correct much of that. Targets are the dense block's outputs: on the dens
 hidden states when the walker carries a reference stream (errors of earlier blocks get
 corrected too), otherwise on the compressed model's hidden states. A held-out eighth of the
 calibration samples picks the best epoch, so refinement can only help on data it did not see.
+
+Two levers beside the epochs (``RomConfig.refine_schedule`` / ``refine_params``): a constant
+learning rate or AA-SVD's recipe (10% linear warm-up, then cosine to zero, gradient norm clipped
+to 1), and training the factors only or every parameter of the block (its norms and the linears
+kept dense too).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from transformers import get_cosine_schedule_with_warmup
 
 from .calibration.walker import BlockStep, call_block
 from .layers import FactorizedLinear
@@ -22,11 +28,26 @@ from .training import Budget, frozen_except, train
 
 
 def refine_block(
-    step: BlockStep, targets: torch.Tensor, epochs: int, lr: float = 1e-4, seed: int = 0
+    step: BlockStep,
+    targets: torch.Tensor,
+    epochs: int,
+    lr: float = 1e-4,
+    seed: int = 0,
+    schedule: str = "constant",
+    trained: str = "factors",
 ) -> float:
-    """Tune the FactorizedLinear parameters of ``step.block`` towards ``targets``; return the held-out
-    relative error (mean squared error over the targets' variance) of the kept parameters."""
-    parameters = [p for m in step.block.modules() if isinstance(m, FactorizedLinear) for p in m.parameters()]
+    """Tune ``step.block`` towards ``targets``; return the held-out relative error (mean squared
+    error over the targets' variance) of the kept parameters.
+
+    ``trained``: ``"factors"`` (the FactorizedLinear parameters) or ``"block"`` (every parameter of
+    the block); ``schedule``: ``"constant"`` or ``"cosine"`` (warm-up, cosine decay, clipping).
+    """
+    if trained == "block":
+        parameters = [p for p in step.block.parameters() if p.dtype.is_floating_point]
+    else:
+        parameters = [
+            p for m in step.block.modules() if isinstance(m, FactorizedLinear) for p in m.parameters()
+        ]
     if not parameters or epochs < 1:
         return float("nan")
     samples = step.inputs.shape[0]
@@ -44,6 +65,11 @@ def refine_block(
     best_error, best_state = validation_error(), _snapshot(parameters)
     optimizer = torch.optim.Adam(parameters, lr=lr)
     per_epoch = -(-len(train_rows) // batch)
+    clip, after_step = None, None
+    if schedule == "cosine":
+        steps = epochs * per_epoch
+        scheduler = get_cosine_schedule_with_warmup(optimizer, steps // 10, steps)
+        clip, after_step = 1.0, lambda *_: scheduler.step()
     with frozen_except(step.block, parameters):
         for epoch in range(epochs):
             order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed + epoch))
@@ -54,7 +80,7 @@ def refine_block(
                 outputs = call_block(step.block, step.inputs[rows], step.call_kwargs)
                 return F.mse_loss(outputs, targets[rows]) / scale
 
-            train(optimizer, loss_at, Budget(steps=per_epoch))
+            train(optimizer, loss_at, Budget(steps=per_epoch), clip=clip, after_step=after_step)
             error = validation_error()
             if error < best_error:
                 best_error, best_state = error, _snapshot(parameters)

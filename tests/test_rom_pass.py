@@ -130,22 +130,35 @@ def test_error_correcting_fit_undoes_upstream_distortion():
     assert corrected_error < 1e-6 * plain_error
 
 
-def test_block_refinement_reduces_the_block_error(tokenizer, calibration_file):
+@pytest.mark.parametrize(("schedule", "trained"), [("constant", "factors"), ("cosine", "block")])
+def test_block_refinement_reduces_the_block_error(schedule, trained):
     model = tiny_model("llama")
-    ids = torch.randint(0, 500, (16, 32))
-    for step in walk_blocks(model, ids, progress=False):
-        targets = step.forward()
-        block = step.block
-        for name in ("mlp.gate_proj", "mlp.up_proj", "self_attn.q_proj"):
-            dense = block.get_submodule(name)
-            u, s, vh = torch.linalg.svd(dense.weight.detach(), full_matrices=False)
-            layer = FactorizedLinear.from_factors(s[:4, None] * vh[:4], u[:, :4], dense.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(block.get_submodule(parent), child, layer)
-        before = (step.forward() - targets).pow(2).mean() / targets[:2].var()
-        after = refine_block(step, targets, epochs=5, lr=1e-3)
-        assert after < before
-        break
+    ids = torch.randint(0, 500, (64, 32), generator=torch.Generator().manual_seed(0))
+    step = next(iter(walk_blocks(model, ids, progress=False)))
+    targets = step.forward()
+    block = step.block
+    for name in ("mlp.gate_proj", "mlp.up_proj", "self_attn.q_proj"):  # truncated SVDs: a damaged block
+        dense = block.get_submodule(name)
+        u, s, vh = torch.linalg.svd(dense.weight.detach(), full_matrices=False)
+        layer = FactorizedLinear.from_factors(s[:4, None] * vh[:4], u[:, :4], dense.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(block.get_submodule(parent), child, layer)
+    with torch.no_grad():
+        block.post_attention_layernorm.weight.mul_(1.5)  # what only training the whole block can undo
+    norm, dense = block.post_attention_layernorm.weight.clone(), block.self_attn.v_proj.weight.clone()
+
+    def error() -> float:
+        with torch.no_grad():
+            return (step.forward() - targets).pow(2).mean().item()
+
+    before = error()
+    refine_block(step, targets, epochs=16, lr=1e-3, schedule=schedule, trained=trained)
+    assert error() < 0.98 * before
+    moved = (
+        not torch.equal(norm, block.post_attention_layernorm.weight),
+        not torch.equal(dense, block.self_attn.v_proj.weight),
+    )
+    assert moved == ((True, True) if trained == "block" else (False, False))  # the factors alone, or all
 
 
 def test_new_options_are_validated():
@@ -155,6 +168,12 @@ def test_new_options_are_validated():
         RomConfig(target="dense", center=False)
     with pytest.raises(ValueError, match="refine_epochs must be a non-negative integer"):
         RomConfig(refine_epochs=-1)
+    with pytest.raises(ValueError, match="refine_lr must be a positive number"):
+        RomConfig(refine_lr=0)
+    with pytest.raises(ValueError, match="refine_schedule must be one of"):
+        RomConfig(refine_schedule="linear")
+    with pytest.raises(ValueError, match="refine_params must be one of"):
+        RomConfig(refine_params="norms")
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +37,7 @@ AUTO = {"allocation": "adaptive", "refine_epochs": 1}  # what --preset auto stre
         ("llama", "100KB", {}),
         ("llama", None, AUTO),
         ("gemma", None, AUTO),
+        ("llama", None, {**AUTO, "refine_params": "block", "refine_schedule": "cosine"}),
     ],
 )
 def test_streamed_and_in_memory_compression_give_the_same_model(
@@ -47,6 +49,7 @@ def test_streamed_and_in_memory_compression_give_the_same_model(
         AutoModelForCausalLM.from_pretrained(model_dir(arch)).save_pretrained(dense, max_shard_size=shards)
         tokenizer.save_pretrained(dense)
         assert len(list(dense.glob("model-*.safetensors"))) > 2
+    source_digest = {f.name: f.read_bytes() for f in Path(dense).glob("*.safetensors")}
     streamed = LowRankOptimizer.from_pretrained(dense)
     streamed.compress(
         RomConfig(**CONFIG, **options),
@@ -55,6 +58,8 @@ def test_streamed_and_in_memory_compression_give_the_same_model(
         progress=False,
     )
     assert streamed.report.streamed
+    # the weights are memory-mapped from the user's files; training them in place never writes there
+    assert {f.name: f.read_bytes() for f in Path(dense).glob("*.safetensors")} == source_digest
 
     in_memory = LowRankOptimizer.from_pretrained(dense)
     assert in_memory.model.num_parameters() > 0  # loading the model first selects the in-memory path

@@ -73,6 +73,19 @@ ROM = (
         choices=("local", "dense"),
     ),
     Option("refine_epochs", 0, "rom: epochs of block-output refinement after each block's fits"),
+    Option("refine_lr", 1e-4, "rom: learning rate of block refinement (Adam)"),
+    Option(
+        "refine_schedule",
+        "constant",
+        "rom: refinement's learning rate: constant, or cosine (10%% warm-up, cosine decay, gradients clipped to 1)",
+        choices=("constant", "cosine"),
+    ),
+    Option(
+        "refine_params",
+        "factors",
+        "rom: what refinement trains: the factors, or every parameter of the block (norms, dense linears too)",
+        choices=("factors", "block"),
+    ),
     Option(
         "heal_minutes", 0.0, "rom: LoRA fine-tune for this many minutes after compressing, merged (0 = off)"
     ),

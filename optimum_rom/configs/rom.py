@@ -45,6 +45,11 @@ class RomConfig(LowRankConfig):
             study; no preset uses it.
         refine_epochs: after the per-linear fits, epochs of Adam on each whole block's output
             (0 = off), towards the dense block's outputs.
+        refine_lr: refinement's (peak) learning rate.
+        refine_schedule: ``"constant"`` learning rate, or ``"cosine"`` (AA-SVD's: 10% linear
+            warm-up, cosine decay to zero, gradient norm clipped to 1).
+        refine_params: what refinement trains: ``"factors"`` (the factorized linears) or
+            ``"block"`` (every parameter of the block: its norms and the linears kept dense too).
         heal_minutes: after compression, fine-tune LoRA adapters on the calibration text for this
             many minutes and merge them (sizes unchanged; 0 = off). See optimum_rom.healing.
         heal_distill: heal towards the dense model's next-token distribution (knowledge
@@ -56,6 +61,9 @@ class RomConfig(LowRankConfig):
     center: bool = True
     target: str = default("target")
     refine_epochs: int = default("refine_epochs")
+    refine_lr: float = default("refine_lr")
+    refine_schedule: str = default("refine_schedule")
+    refine_params: str = default("refine_params")
     heal_minutes: float = default("heal_minutes")
     heal_distill: bool = default("heal_distill")
     quant_method: str = "rom"
@@ -70,6 +78,11 @@ class RomConfig(LowRankConfig):
             raise ValueError("target='dense' fits centred features; it needs center=True")
         if not isinstance(self.refine_epochs, int) or self.refine_epochs < 0:
             raise ValueError(f"refine_epochs must be a non-negative integer, got {self.refine_epochs!r}")
+        if not isinstance(self.refine_lr, (int, float)) or not self.refine_lr > 0:
+            raise ValueError(f"refine_lr must be a positive number, got {self.refine_lr!r}")
+        for field in ("refine_schedule", "refine_params"):
+            if getattr(self, field) not in choices(field):
+                raise ValueError(f"{field} must be one of {choices(field)}, got {getattr(self, field)!r}")
         if not isinstance(self.heal_minutes, (int, float)) or self.heal_minutes < 0:
             raise ValueError(
                 f"heal_minutes must be a non-negative number of minutes, got {self.heal_minutes!r}"

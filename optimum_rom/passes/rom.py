@@ -106,7 +106,15 @@ def _compress_block(
     for name, rank in ranks.items():  # popped: each dense weight and group's statistics go once used
         set_module(model, name, rom_factorize(linears.pop(name), stats.pop(name), rank, config.center))
     if targets is not None:
-        refine_block(step, targets, config.refine_epochs, seed=config.seed)
+        refine_block(
+            step,
+            targets,
+            config.refine_epochs,
+            config.refine_lr,
+            config.seed,
+            config.refine_schedule,
+            config.refine_params,
+        )
 
 
 def check_calibration_size(config: RomConfig, plan: RankPlan, data: CalibrationSet) -> None:
