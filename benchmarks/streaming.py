@@ -197,16 +197,21 @@ def moonshot_part(work: Path, blocks: int, samples: int) -> list[dict]:
     events = result.pop("events")
     measured = [t for phase, _, t in events if phase == "measure"]
     compressed = [t for phase, _, t in events if phase == "compress"]
-    measure_block = (measured[-1] - measured[0]) / max(1, len(measured) - 1) if blocks > 1 else measured[0]
-    compress_block = (compressed[-1] - compressed[0]) / max(1, len(compressed) - 1) if blocks > 1 else None
-    gradients_and_setup = compressed[0] - measured[-1]  # the backward walk, the head, the output's layout
-    per_block_seconds = measure_block + compress_block + gradients_and_setup / blocks
-    fixed = result["seconds"] - blocks * per_block_seconds
+    if blocks < 2:
+        raise ValueError("the per-block times need at least 2 blocks (--moonshot-blocks)")
+    measure_block = (measured[-1] - measured[0]) / (blocks - 1)
+    compress_block = (compressed[-1] - compressed[0]) / (blocks - 1)
+    # between the last measured block and the first compressed one: the backward walk, the head,
+    # the output's layout, and that first block's compression
+    gradients_and_setup = compressed[0] - measured[-1] - compress_block
+    per_block_seconds = (
+        measure_block + compress_block + gradients_and_setup / blocks
+    )  # backward: all per block
     row = {
         "model": f"7B-shaped random Llama, {blocks} of 32 blocks, auto", "bf16_gb": size_gb, **result,
         "linear_ratio_target": round(linear_ratio, 4), "measure_block_s": measure_block,
         "compress_block_s": compress_block, "gradients_and_setup_s": gradients_and_setup,
-        "projected_32_blocks_h": (fixed + SEVEN_B["blocks"] * per_block_seconds) / 3600,
+        "projected_32_blocks_h": (result["seconds"] + (SEVEN_B["blocks"] - blocks) * per_block_seconds) / 3600,
     }  # fmt: skip
     print(json.dumps(row), flush=True)
     return [row]
