@@ -183,6 +183,8 @@ def moonshot_part(work: Path, blocks: int, samples: int) -> list[dict]:
     With fewer than 32 blocks the embeddings are a larger share of the model, so the size target
     is stated on the decoder linears: the share 0.8 of the whole 7B model leaves them.
     """
+    if blocks < 2:  # before the hours of work: the per-block times are differences between blocks
+        raise ValueError("the per-block times need at least 2 blocks (--moonshot-blocks)")
     hidden, mlp, vocab = SEVEN_B["hidden"], SEVEN_B["mlp"], SEVEN_B["vocab"]
     per_block = 4 * hidden * hidden + 3 * hidden * mlp
     linears = SEVEN_B["blocks"] * per_block
@@ -197,16 +199,13 @@ def moonshot_part(work: Path, blocks: int, samples: int) -> list[dict]:
     events = result.pop("events")
     measured = [t for phase, _, t in events if phase == "measure"]
     compressed = [t for phase, _, t in events if phase == "compress"]
-    if blocks < 2:
-        raise ValueError("the per-block times need at least 2 blocks (--moonshot-blocks)")
     measure_block = (measured[-1] - measured[0]) / (blocks - 1)
     compress_block = (compressed[-1] - compressed[0]) / (blocks - 1)
     # between the last measured block and the first compressed one: the backward walk, the head,
-    # the output's layout, and that first block's compression
+    # the output's layout, and that first block's compression; the projection counts all of the
+    # backward as per-block work
     gradients_and_setup = compressed[0] - measured[-1] - compress_block
-    per_block_seconds = (
-        measure_block + compress_block + gradients_and_setup / blocks
-    )  # backward: all per block
+    per_block_seconds = measure_block + compress_block + gradients_and_setup / blocks
     row = {
         "model": f"7B-shaped random Llama, {blocks} of 32 blocks, auto", "bf16_gb": size_gb, **result,
         "linear_ratio_target": round(linear_ratio, 4), "measure_block_s": measure_block,

@@ -43,7 +43,7 @@ def refine_block(
     the block); ``schedule``: ``"constant"`` or ``"cosine"`` (warm-up, cosine decay, clipping).
     """
     if trained == "block":
-        parameters = [p for p in step.block.parameters() if p.dtype.is_floating_point]
+        parameters = list(step.block.parameters())
     else:
         parameters = [
             p for m in step.block.modules() if isinstance(m, FactorizedLinear) for p in m.parameters()

@@ -26,6 +26,10 @@ def digest(path):
     return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
 
 
+def weight_file_digests(directory):
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in Path(directory).glob("*.safetensors")}
+
+
 AUTO = {"allocation": "adaptive", "refine_epochs": 1}  # what --preset auto streams: gradients and refinement
 
 
@@ -49,7 +53,7 @@ def test_streamed_and_in_memory_compression_give_the_same_model(
         AutoModelForCausalLM.from_pretrained(model_dir(arch)).save_pretrained(dense, max_shard_size=shards)
         tokenizer.save_pretrained(dense)
         assert len(list(dense.glob("model-*.safetensors"))) > 2
-    source_digest = {f.name: f.read_bytes() for f in Path(dense).glob("*.safetensors")}
+    source_digests = weight_file_digests(dense)
     streamed = LowRankOptimizer.from_pretrained(dense)
     streamed.compress(
         RomConfig(**CONFIG, **options),
@@ -59,7 +63,7 @@ def test_streamed_and_in_memory_compression_give_the_same_model(
     )
     assert streamed.report.streamed
     # the weights are memory-mapped from the user's files; training them in place never writes there
-    assert {f.name: f.read_bytes() for f in Path(dense).glob("*.safetensors")} == source_digest
+    assert weight_file_digests(dense) == source_digests
 
     in_memory = LowRankOptimizer.from_pretrained(dense)
     assert in_memory.model.num_parameters() > 0  # loading the model first selects the in-memory path

@@ -110,10 +110,10 @@ def _compress_block(
             step,
             targets,
             config.refine_epochs,
-            config.refine_lr,
-            config.seed,
-            config.refine_schedule,
-            config.refine_params,
+            lr=config.refine_lr,
+            seed=config.seed,
+            schedule=config.refine_schedule,
+            trained=config.refine_params,
         )
 
 
