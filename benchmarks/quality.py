@@ -90,6 +90,9 @@ METHODS: dict[str, Method] = {
     **{f"rom-auto-refine{epochs}": Method(_auto(refine_epochs=epochs)) for epochs in (8, 25)},
     "rom-auto-cosine": Method(_auto(refine_schedule="cosine")),
     "rom-auto-block": Method(_auto(refine_params="block")),
+    # damage scored per output direction, beside rom-auto / rom-auto-mix50 (per matrix)
+    "rom-auto-direction": Method(_auto(scoring="direction")),
+    "rom-auto-mix50-direction": Method(_auto(scoring="direction"), _chat(0.5)),
     "rom-auto-refine8-cosine-block": Method(
         _auto(refine_epochs=8, refine_schedule="cosine", refine_params="block")
     ),

@@ -42,3 +42,24 @@ def top_left_singular_vectors(
         return torch.linalg.svd(product, full_matrices=False)[0][:, :rank]
     scaled = vectors / values.sqrt()
     return matrix @ (scaled if right is None else right @ scaled)
+
+
+def left_singular_pairs(
+    matrix: torch.Tensor, right: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All squared singular values (descending) of ``F = matrix @ right`` and their left singular
+    vectors (one column each), from the eigenpairs of F's smaller Gram matrix as above.
+
+    A column whose value is zero to rounding is zero too: no direction carries it.
+    """
+    rows, columns = matrix.shape[0], (matrix if right is None else right).shape[1]
+    if rows <= columns:
+        product = matrix if right is None else matrix @ right
+        values, vectors = torch.linalg.eigh(symmetric(product @ product.T))
+        return values.flip(0).clamp(min=0), vectors.flip(-1)
+    gram = matrix.T @ matrix if right is None else right.T @ (matrix.T @ matrix) @ right
+    values, vectors = torch.linalg.eigh(symmetric(gram))
+    values, vectors = values.flip(0).clamp(min=0), vectors.flip(-1)
+    live = values > 1e-10 * values[0]
+    scaled = torch.where(live, vectors / values.sqrt().clamp(min=torch.finfo(values.dtype).tiny), 0.0)
+    return values, matrix @ (scaled if right is None else right @ scaled)

@@ -128,15 +128,23 @@ def compressed_dir(model_dir, calibration_file, tmp_path):
     return make
 
 
-def whole_model_output_gradients(model, data, sites):
-    """Mean squared loss gradient at each linear's output, by autograd through the whole model."""
+def whole_model_output_gradients(model, data, sites, bases=None):
+    """Mean squared loss gradient at each linear's output, by autograd through the whole model; for a
+    linear in ``bases``, the mean over tokens of the squared gradient along each basis column."""
+    bases = bases or {}
     totals = {site.name: 0.0 for site in sites}
     counts = dict.fromkeys(totals, 0)
 
     def record(name):
         def hook(module, grad_input, grad_output):
-            totals[name] += grad_output[0].double().pow(2).sum().item()
-            counts[name] += grad_output[0].numel()
+            gradient = grad_output[0].double()
+            if name in bases:
+                tokens = gradient.reshape(-1, gradient.shape[-1])
+                totals[name] = totals[name] + (tokens @ bases[name].double()).pow(2).sum(0)
+                counts[name] += len(tokens)
+            else:
+                totals[name] += gradient.pow(2).sum().item()
+                counts[name] += gradient.numel()
 
         return hook
 

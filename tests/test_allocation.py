@@ -31,12 +31,13 @@ def test_params_ratio_is_reached_within_one_percent(arch, allocation, ratio):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_adaptive_allocation_measures_the_model_and_reaches_the_target(arch):
+@pytest.mark.parametrize("scoring", ["matrix", "direction"])
+def test_adaptive_allocation_measures_the_model_and_reaches_the_target(arch, scoring):
     model = tiny_model(arch)
     input_ids = torch.randint(
         0, model.config.vocab_size, (16, 32), generator=torch.Generator().manual_seed(0)
     )
-    config = RomConfig(params_ratio=0.7, allocation="adaptive")
+    config = RomConfig(params_ratio=0.7, allocation="adaptive", scoring=scoring)
     plan = plan_rom(model, config, CalibrationSet(input_ids), progress=False)
     assert plan.kept_params <= 0.7 * count_parameters(model)
     assert plan.ratio == pytest.approx(0.7, rel=0.01)
@@ -78,14 +79,23 @@ def test_a_compressed_checkpoint_records_both_accountings(model_dir, calibration
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("streamed", [False, True])
-def test_gradients_measured_block_by_block_equal_the_whole_model_backward(arch, streamed, tmp_path):
+@pytest.mark.parametrize("per_direction", [False, True])
+def test_gradients_measured_block_by_block_equal_the_whole_model_backward(
+    arch, streamed, per_direction, tmp_path
+):
     model = tiny_model(arch)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (20, 32), generator=generator)
     targets = torch.rand(20, 32, generator=generator) > 0.5  # chat data: only some tokens are targets
     targets[8:16] = False  # and one group of sequences has none
     data = CalibrationSet(ids, targets)
-    expected = whole_model_output_gradients(model, data, find_linear_sites(model))
+    sites = find_linear_sites(model)
+    bases = {}  # per direction: the squared gradient along each column of an orthonormal basis
+    if per_direction:
+        for site in sites[::2]:
+            random = torch.randn(site.out_features, min(site.out_features, 6), generator=generator)
+            bases[site.name] = torch.linalg.qr(random.double())[0].float()
+    expected = whole_model_output_gradients(model, data, sites, bases)
 
     weights = None
     if streamed:  # from disk, one block at a time, the model itself on the meta device
@@ -99,7 +109,8 @@ def test_gradients_measured_block_by_block_equal_the_whole_model_backward(arch, 
     )
     with torch.no_grad():
         for step in walk_blocks(model, ids, progress=False, stream=stream):
-            gradients.record(step, last=step.index == len(blocks) - 1)
+            in_block = {name: basis for name, basis in bases.items() if name.startswith(step.name + ".")}
+            gradients.record(step, last=step.index == len(blocks) - 1, bases=in_block)
     by_block = {}
     for site in find_linear_sites(model):
         by_block.setdefault(site.block, []).append(site.name)
@@ -107,7 +118,10 @@ def test_gradients_measured_block_by_block_equal_the_whole_model_backward(arch, 
 
     assert measured.keys() == expected.keys()
     for name, value in expected.items():
-        assert measured[name] == pytest.approx(value, rel=1e-9), name
+        if name in bases:
+            torch.testing.assert_close(measured[name], value, rtol=1e-9, atol=0, msg=name)
+        else:
+            assert measured[name] == pytest.approx(value, rel=1e-9), name
     assert list(tmp_path.glob(".rom-gradients-*")) == []  # the spilled inputs are gone
 
 

@@ -41,6 +41,33 @@ def test_rom_layer_is_the_pca_of_its_outputs(out_features):
     torch.testing.assert_close(layer(x).double(), expected, atol=1e-4, rtol=1e-4)
 
 
+# output-side statistics are what a linear narrower than its input gets
+@pytest.mark.parametrize(("site", "out_features"), [("input", 32), ("input", 96), ("output", 32)])
+def test_output_eigenpairs_diagonalize_the_output_covariance(out_features, site):
+    """What direction-level damage scoring projects gradients onto: the principal directions of ``W x``,
+    from either kind of statistics, with a dead input channel (a singular input covariance)."""
+    torch.manual_seed(0)
+    x, linear = features(), nn.Linear(48, out_features, bias=False)
+    x[:, 5] = 1.0  # constant: no variance once centred
+    outputs = x.double() @ linear.weight.detach().double().T
+    moments = Moments(48 if site == "input" else out_features)
+    moments.update(x if site == "input" else outputs)
+    values, vectors = LinearStatistics(site, moments).output_eigenpairs(linear.weight.detach(), center=True)
+
+    centred = outputs - outputs.mean(0)
+    covariance = centred.T @ centred / len(x)
+    expected = torch.linalg.eigvalsh(covariance).flip(0)[: len(values)]
+    torch.testing.assert_close(values, expected.clamp(min=0), atol=1e-6 * float(expected[0]), rtol=1e-6)
+    live = values > 1e-8 * values[0]
+    assert live.sum() == min(out_features, 47)
+    torch.testing.assert_close(
+        vectors.T @ covariance @ vectors, torch.diag(values), atol=1e-6 * float(values[0]), rtol=0
+    )
+    torch.testing.assert_close(
+        vectors[:, live].T @ vectors[:, live], torch.eye(int(live.sum()), dtype=torch.float64)
+    )
+
+
 def test_full_rank_rom_is_exact_and_the_mean_correction_matters():
     torch.manual_seed(0)
     x, linear = features(), nn.Linear(48, 32, bias=False)

@@ -42,6 +42,7 @@ AUTO = {"allocation": "adaptive", "refine_epochs": 1}  # what --preset auto stre
         ("llama", None, AUTO),
         ("gemma", None, AUTO),
         ("llama", None, {**AUTO, "refine_params": "block", "refine_schedule": "cosine"}),
+        ("llama", None, {**AUTO, "scoring": "direction"}),
     ],
 )
 def test_streamed_and_in_memory_compression_give_the_same_model(

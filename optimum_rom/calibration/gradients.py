@@ -49,29 +49,36 @@ class BlockInputs:
 
 
 class OutputGradients:
-    """Mean over tokens and output features of (d loss / d output)^2 for the given linears.
+    """Mean over tokens and output features of (d loss / d output)^2 for the given linears, or, for
+    a linear given an orthonormal output basis ``U``, the mean over tokens of ``(g . u_i)^2`` for
+    each basis vector (the squared gradient along each direction ROM may drop).
 
     Use: :meth:`record` every block's step of a forward walk over the dense model (it keeps the
-    inputs of ``data``'s rows), then :meth:`backward`. The loss is the model's next-token loss on
-    ``data``'s target tokens (what the assistant says, for chat data). Weights are never given
-    gradients, so no weight-sized buffer is allocated.
+    inputs of ``data``'s rows, and the block's bases), then :meth:`backward`. The loss is the
+    model's next-token loss on ``data``'s target tokens (what the assistant says, for chat data).
+    Weights are never given gradients, so no weight-sized buffer is allocated.
     """
 
-    def __init__(self, model: nn.Module, data: CalibrationSet, scratch: Path | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, data: CalibrationSet, scratch: Path | None = None, basis_bytes: int = 0
+    ) -> None:
         self.model = model
         self.labels = data.labels()
         self.rows = _rows_with_targets(self.labels)
         _, blocks = find_blocks(model)
         hidden_bytes = len(self.rows) * self.labels.shape[1] * model.config.get_text_config().hidden_size * 4
         self._directory = tempfile.TemporaryDirectory(prefix=".rom-gradients-", dir=scratch)
-        ensure_free_space(Path(self._directory.name), hidden_bytes * len(blocks))
+        ensure_free_space(Path(self._directory.name), hidden_bytes * len(blocks) + basis_bytes)
         self.inputs = BlockInputs(Path(self._directory.name))
         self.outputs: torch.Tensor | None = None
         self.call_kwargs: list[dict] = []
 
-    def record(self, step: BlockStep, last: bool) -> None:
-        """Keep what the backward needs of this block: its inputs (and the model's output, after the last)."""
+    def record(self, step: BlockStep, last: bool, bases: dict[str, torch.Tensor] | None = None) -> None:
+        """Keep what the backward needs of this block: its inputs, the output bases of the linears to
+        be measured per direction (on disk, float32), and the model's output after the last block."""
         inputs = step.inputs[self.rows]
+        if bases:
+            torch.save({name: basis.float() for name, basis in bases.items()}, self._bases_file(step.index))
         self.inputs.append(inputs)
         self.call_kwargs.append(step.call_kwargs)
         if last:
@@ -82,8 +89,9 @@ class OutputGradients:
         linears: dict[int, list[str]],
         weights: WeightSource | None = None,
         progress: bool = True,
-    ) -> dict[str, float]:
-        """Gradients of the loss, block by block from the last; ``linears[block]`` names the linears to measure."""
+    ) -> dict[str, float | torch.Tensor]:
+        """Gradients of the loss, block by block from the last; ``linears[block]`` names the linears to
+        measure. A linear recorded with a basis gets a vector (one value per basis vector)."""
         blocks_name, blocks = find_blocks(self.model)
         totals = {name: 0.0 for names in linears.values() for name in names}
         counts = dict.fromkeys(totals, 0)
@@ -95,9 +103,10 @@ class OutputGradients:
                 for index in reversed(range(len(blocks))):
                     if weights is not None:
                         weights.load(f"{blocks_name}.{index}")
+                    bases = self._bases(index)
                     hooks = [
                         self.model.get_submodule(name).register_full_backward_hook(
-                            _accumulate(name, totals, counts)
+                            _accumulate(name, totals, counts, bases.get(name))
                         )
                         for name in linears.get(index, [])
                     ]
@@ -114,6 +123,13 @@ class OutputGradients:
         finally:
             self._directory.cleanup()
         return {name: totals[name] / max(counts[name], 1) for name in totals}
+
+    def _bases_file(self, index: int) -> Path:
+        return self.inputs.directory / f"bases-{index}.pt"
+
+    def _bases(self, index: int) -> dict[str, torch.Tensor]:
+        file = self._bases_file(index)
+        return torch.load(file, weights_only=True) if file.is_file() else {}
 
     def _head_gradient(
         self, blocks_name: str, blocks: nn.ModuleList, weights: WeightSource | None
@@ -185,10 +201,18 @@ def _head_tensors(model: nn.Module, blocks_name: str) -> list[str]:
     ]
 
 
-def _accumulate(name: str, totals: dict[str, float], counts: dict[str, int]):
+def _accumulate(name: str, totals: dict, counts: dict[str, int], basis: torch.Tensor | None):
+    """A backward hook adding up the squared output gradients: all together, or along each column
+    of ``basis`` (per token: ``(g U)^2``)."""
+
     def hook(module, grad_input, grad_output):
-        gradient = grad_output[0].detach()
-        totals[name] += gradient.double().pow(2).sum().item()
-        counts[name] += gradient.numel()
+        gradient = grad_output[0].detach().double()
+        if basis is None:
+            totals[name] += gradient.pow(2).sum().item()
+            counts[name] += gradient.numel()
+        else:
+            tokens = gradient.reshape(-1, gradient.shape[-1])
+            totals[name] = totals[name] + (tokens @ basis.double()).pow(2).sum(0)
+            counts[name] += len(tokens)
 
     return hook

@@ -8,6 +8,14 @@ empirical Fisher approximates by the squared gradient of the loss at the layer's
 one number per linear, the mean squared gradient per output element ``g2``, the expected loss
 increase of rank ``r`` is ``g2 * tail(r)``.
 
+Per direction (``scoring="direction"``), the gradient is not taken as isotropic: dropping the
+``i``-th principal direction ``u_i`` costs ``lambda_i * w_i`` with ``w_i`` the mean of
+``(g . u_i)^2``, the gradient's energy along that direction (``g2`` is the mean of the ``w_i``).
+The budget then follows where the loss is sensitive inside a matrix, not only between matrices:
+the allocation-level form of ZS-SVD's per-direction scores (it scores singular directions of the
+weights; ROM drops principal directions of the outputs). ROM still keeps each matrix's top-``r``
+by variance, so the curve sums ``lambda_i * w_i`` in that order.
+
 Measured on SmolLM2-135M at params ratio 0.8 (WikiText-2, 20 windows of 512 tokens):
 uniform allocation 154.5, this estimate 85.9, and the spectrum alone (``tail(r) / tail(0)``,
 no gradient) 266.7; it keeps early and value/key projections dense, where errors travel far.
@@ -37,6 +45,7 @@ def measure_damage(
     progress: bool = True,
     weights: WeightSource | None = None,
     scratch: Path | None = None,
+    scoring: str = "matrix",
 ) -> dict[str, torch.Tensor]:
     """``damage[name][r]``: estimated loss increase of keeping rank ``r`` of that linear (float64).
 
@@ -44,13 +53,16 @@ def measure_damage(
     token) and keeps the inputs of a few sequences; a backward walk then finds the loss gradients
     at the linears' outputs on those (see optimum_rom.calibration.gradients). With ``weights`` the
     model is on the meta device and each block is read when it is needed: one block in memory.
-    ``scratch`` is where the kept inputs go (default: the system's temporary directory).
+    ``scratch`` is where the kept inputs (and, per direction, the output bases) go (default: the
+    system's temporary directory). ``scoring``: ``"matrix"`` or ``"direction"`` (see the module).
     """
     by_block: dict[int, list[str]] = {}
     for site in sites:
         by_block.setdefault(site.block, []).append(site.name)
     blocks_name, blocks = find_blocks(model)
-    gradients = OutputGradients(model, data.rows(slice(GRADIENT_SAMPLES)), scratch)
+    per_direction = scoring == "direction"
+    basis_bytes = sum(s.out_features * min(s.out_features, s.in_features) * 4 for s in sites) * per_direction
+    gradients = OutputGradients(model, data.rows(slice(GRADIENT_SAMPLES)), scratch, basis_bytes)
     stream = None
     if weights is not None:
         stream = BlockStream(
@@ -59,16 +71,19 @@ def measure_damage(
     spectra = {}
     with torch.no_grad():
         for step in walk_blocks(model, data.input_ids, desc="sensitivity", progress=progress, stream=stream):
-            gradients.record(step, last=step.index == len(blocks) - 1)
             linears = {name: model.get_submodule(name) for name in by_block.get(step.index, [])}
             step.outputs = torch.empty_like(step.inputs)  # the block stays dense: one forward serves both
             statistics = collect_block_statistics(step, linears, outputs=step.outputs)
+            bases = {}
             for name, linear in linears.items():
-                spectra[name] = statistics[name].output_spectrum(linear.weight, center)
+                if per_direction:
+                    spectra[name], bases[name] = statistics[name].output_eigenpairs(linear.weight, center)
+                else:
+                    spectra[name] = statistics[name].output_spectrum(linear.weight, center)
+            gradients.record(step, last=step.index == len(blocks) - 1, bases=bases)
     squared = gradients.backward(by_block, weights, progress)
     damage = {}
     for site in sites:
-        values = spectra[site.name]
-        tail = torch.cat([values.flip(0).cumsum(0).flip(0), values.new_zeros(1)])
-        damage[site.name] = tail * squared[site.name]
+        dropped = spectra[site.name] * squared[site.name]  # what dropping each direction costs
+        damage[site.name] = torch.cat([dropped.flip(0).cumsum(0).flip(0), dropped.new_zeros(1)])
     return damage

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..linalg import symmetric, top_eigenvectors, top_left_singular_vectors
+from ..linalg import left_singular_pairs, symmetric, top_eigenvectors, top_left_singular_vectors
 from .walker import BlockStep, StopForward, call_block
 
 
@@ -144,6 +144,13 @@ class LinearStatistics:
             tall = product.shape[0] > product.shape[1]
             covariance = product.T @ product if tall else product @ product.T
         return torch.linalg.eigvalsh(symmetric(covariance)).flip(0).clamp(min=0)
+
+    def output_eigenpairs(self, weight: torch.Tensor, center: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The spectrum above with its eigenvectors (out x k, float64): the directions ROM keeps or drops."""
+        if self.site == "output":
+            values, vectors = torch.linalg.eigh(symmetric(self.second_moment(center)))
+            return values.flip(0).clamp(min=0), vectors.flip(-1)
+        return left_singular_pairs(weight.double(), right=self.input_root(center))
 
     def output_mean(self, weight: torch.Tensor) -> torch.Tensor:
         """Mean of ``W x`` (float64)."""

@@ -65,6 +65,13 @@ ROM = (
         "adaptive = where measured damage is smallest",
         choices=("uniform", "paper", "adaptive"),
     ),
+    Option(
+        "scoring",
+        "matrix",
+        "rom: --allocation adaptive's damage estimate: the loss gradient's size per linear (matrix), or "
+        "along each output direction (direction)",
+        choices=("matrix", "direction"),
+    ),
     Option("num_trailing_blocks", None, "rom: blocks compressed by --allocation paper", type=int),
     Option(
         "target",

@@ -29,6 +29,9 @@ class RomConfig(LowRankConfig):
             ``"adaptive"``: each linear's rank from its measured damage (output spectrum weighted by
             the loss gradient at its output), spending the budget where it hurts least; some
             linears stay dense. Streams like the others: the gradients are measured block by block.
+        scoring: for ``"adaptive"``: ``"matrix"`` weights a linear's spectrum by its mean squared
+            output gradient; ``"direction"`` weights each principal direction by the gradient's
+            energy along it (see optimum_rom.calibration.sensitivity).
         num_trailing_blocks: for ``"paper"``: how many trailing blocks to compress. ``None``
             picks the count at which each compressed matrix keeps about half of its parameters,
             which is what the paper's 80% LLaMA-7B setting amounts to.
@@ -57,6 +60,7 @@ class RomConfig(LowRankConfig):
     """
 
     allocation: str = default("allocation")
+    scoring: str = default("scoring")
     num_trailing_blocks: int | None = default("num_trailing_blocks")
     center: bool = True
     target: str = default("target")
@@ -80,7 +84,7 @@ class RomConfig(LowRankConfig):
             raise ValueError(f"refine_epochs must be a non-negative integer, got {self.refine_epochs!r}")
         if not isinstance(self.refine_lr, (int, float)) or not self.refine_lr > 0:
             raise ValueError(f"refine_lr must be a positive number, got {self.refine_lr!r}")
-        for field in ("refine_schedule", "refine_params"):
+        for field in ("scoring", "refine_schedule", "refine_params"):
             if getattr(self, field) not in choices(field):
                 raise ValueError(f"{field} must be one of {choices(field)}, got {getattr(self, field)!r}")
         if not isinstance(self.heal_minutes, (int, float)) or self.heal_minutes < 0:

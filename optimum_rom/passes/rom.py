@@ -50,7 +50,9 @@ def plan_rom(
         if data is None:
             raise ValueError("allocation='adaptive' measures the model on calibration data: pass data")
         sites = find_linear_sites(model, config.target_modules)
-        damage = measure_damage(model, data, sites, config.center, progress, weights, scratch)
+        damage = measure_damage(
+            model, data, sites, config.center, progress, weights, scratch, scoring=config.scoring
+        )
         return plan_by_damage(
             sites, count_parameters(model), model_ratio(config, model), config.center, damage
         )
