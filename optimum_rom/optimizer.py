@@ -6,7 +6,7 @@ import copy
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,7 @@ class _Job:
     data: Any = None
     heal_data: CalibrationSet | None = None
     lazy: LazyCheckpoint | None = None
+    started: float = field(default_factory=time.perf_counter)  # what a time budget is measured from
 
 
 @dataclass
@@ -360,6 +361,16 @@ class LowRankOptimizer(OptimumQuantizer):
         on the pass's own prompt/answer examples."""
         if spec is None:
             return None
+        if spec.within_budget:
+            used = (time.perf_counter() - job.started) / 60
+            if used >= spec.minutes:
+                warnings.warn(
+                    f"time_budget={spec.minutes:g} min: the compression took {used:.1f} min of it, so no time "
+                    "is left to heal; the model is saved unhealed (a larger time budget heals it)",
+                    stacklevel=3,
+                )
+                return None
+            spec = replace(spec, minutes=spec.minutes - used)
         if spec.distill and teacher is None:
             teacher = load_causal_lm(self.source)
         if job.method.data is PassData.TASK:

@@ -64,6 +64,27 @@ def test_healing_through_the_optimizer_keeps_the_size(model_dir, calibration_fil
     assert model.num_parameters() == AutoModelForCausalLM.from_pretrained(tmp_path / "rom").num_parameters()
 
 
+def test_a_time_budget_heals_for_what_the_compression_leaves(model_dir, calibration_file, tmp_path):
+    budget = 0.15  # minutes, for the whole compress call
+    config = RomConfig.from_preset("best", params_ratio=0.7, num_samples=16, seq_len=32, time_budget=budget)
+    optimizer = LowRankOptimizer.from_pretrained(model_dir("llama"))
+    optimizer.compress(config, calibration=calibration_file, save_dir=tmp_path / "rom", progress=False)
+    healing = optimizer.report.healing
+    assert healing["steps"] > 0
+    assert healing["seconds"] <= 60 * budget - optimizer.report.seconds + 2  # the budget, not on top of it
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "rom").config.quantization_config
+    assert (saved.allocation, saved.refine_epochs, saved.time_budget) == ("adaptive", 2, budget)
+
+
+def test_a_spent_time_budget_saves_the_model_unhealed_and_says_so(model_dir, calibration_file, tmp_path):
+    config = RomConfig.from_preset("best", params_ratio=0.7, num_samples=16, seq_len=32, time_budget=1e-4)
+    optimizer = LowRankOptimizer.from_pretrained(model_dir("llama"))
+    with pytest.warns(UserWarning, match="no time is left to heal"):
+        optimizer.compress(config, calibration=calibration_file, save_dir=tmp_path / "rom", progress=False)
+    assert optimizer.report.healing is None
+    assert (tmp_path / "rom" / "config.json").is_file()
+
+
 def test_healing_without_distillation_learns_the_texts_own_tokens(model_dir, calibration_file):
     config = RomConfig(params_ratio=0.7, num_samples=16, seq_len=32, heal_minutes=0.02, heal_distill=False)
     optimizer = LowRankOptimizer.from_pretrained(model_dir("llama"))
@@ -76,3 +97,7 @@ def test_healing_without_distillation_learns_the_texts_own_tokens(model_dir, cal
 def test_heal_minutes_must_be_positive():
     with pytest.raises(ValueError, match="heal_minutes must be a non-negative"):
         RomConfig(heal_minutes=-1)
+    with pytest.raises(ValueError, match="time_budget must be a non-negative"):
+        RomConfig(time_budget=-1)
+    with pytest.raises(ValueError, match="both set: choose one"):
+        RomConfig.from_preset("best", heal_minutes=15)

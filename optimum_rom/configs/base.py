@@ -22,6 +22,8 @@ class HealingSpec:
 
     ``minutes`` / ``steps``: the budget (wall time for users, steps for a fixed amount of work).
     ``distill``: towards the dense model's next-token distribution (else the data's own tokens).
+    ``within_budget``: ``minutes`` is the whole run's time budget, not the healing's: healing gets
+    what the stages before it left (the optimizer measures from the start of ``compress``).
     ``targets``: ``"blocks"`` every linear in the decoder blocks (factors included), ``"factors"``
     only the factors of factorized linears. ``first_step`` continues a pass's batch sequence.
     """
@@ -29,6 +31,7 @@ class HealingSpec:
     minutes: float | None = None
     steps: int | None = None
     distill: bool = True
+    within_budget: bool = False
     rank: int = 16
     alpha: int = 32
     learning_rate: float = 2e-4

@@ -97,6 +97,12 @@ ROM = (
         "heal_minutes", 0.0, "rom: LoRA fine-tune for this many minutes after compressing, merged (0 = off)"
     ),
     Option(
+        "time_budget",
+        0.0,
+        "rom: minutes the whole run may take: what compression leaves goes to healing (0 = no budget; "
+        "--preset best: 60)",
+    ),
+    Option(
         "heal_distill",
         True,
         "rom: heal on the data's own next tokens instead of the dense model's distribution",

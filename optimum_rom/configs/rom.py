@@ -15,6 +15,9 @@ PRESETS: dict[str, dict[str, object]] = {
     "auto": {"allocation": "adaptive", "target": "local", "refine_epochs": 2},
     "paper": {"allocation": "paper", "target": "local"},
     "uniform": {"allocation": "uniform", "target": "local"},
+    # auto, then healing for whatever time the compression left of the budget (healing is the lever
+    # that bought the most quality per minute; more refinement epochs cost the chat)
+    "best": {"allocation": "adaptive", "target": "local", "refine_epochs": 2, "time_budget": 60.0},
 }
 
 
@@ -55,6 +58,9 @@ class RomConfig(LowRankConfig):
             ``"block"`` (every parameter of the block: its norms and the linears kept dense too).
         heal_minutes: after compression, fine-tune LoRA adapters on the calibration text for this
             many minutes and merge them (sizes unchanged; 0 = off). See optimum_rom.healing.
+        time_budget: minutes the whole ``compress`` call may take (self-calibration, measurement,
+            compression, healing): healing gets the time the rest leaves, and is skipped, with a
+            warning, when nothing is left (0 = no budget). Exclusive with ``heal_minutes``.
         heal_distill: heal towards the dense model's next-token distribution (knowledge
             distillation) instead of the text's next tokens.
     """
@@ -69,6 +75,7 @@ class RomConfig(LowRankConfig):
     refine_schedule: str = default("refine_schedule")
     refine_params: str = default("refine_params")
     heal_minutes: float = default("heal_minutes")
+    time_budget: float = default("time_budget")
     heal_distill: bool = default("heal_distill")
     quant_method: str = "rom"
 
@@ -87,9 +94,14 @@ class RomConfig(LowRankConfig):
         for field in ("scoring", "refine_schedule", "refine_params"):
             if getattr(self, field) not in choices(field):
                 raise ValueError(f"{field} must be one of {choices(field)}, got {getattr(self, field)!r}")
-        if not isinstance(self.heal_minutes, (int, float)) or self.heal_minutes < 0:
+        for field in ("heal_minutes", "time_budget"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{field} must be a non-negative number of minutes, got {value!r}")
+        if self.heal_minutes and self.time_budget:
             raise ValueError(
-                f"heal_minutes must be a non-negative number of minutes, got {self.heal_minutes!r}"
+                "heal_minutes and time_budget are both set: choose one (time_budget heals for the time "
+                "compression leaves of it; CLI: --heal-minutes 0 with --preset best, or --time-budget 0)"
             )
         if self.num_trailing_blocks is not None and (
             not isinstance(self.num_trailing_blocks, int) or self.num_trailing_blocks < 1
@@ -106,6 +118,8 @@ class RomConfig(LowRankConfig):
         return cls(**{**PRESETS[preset], **overrides})
 
     def healing(self) -> HealingSpec | None:
+        if self.time_budget:
+            return HealingSpec(minutes=self.time_budget, distill=self.heal_distill, within_budget=True)
         if not self.heal_minutes:
             return None
         return HealingSpec(minutes=self.heal_minutes, distill=self.heal_distill)

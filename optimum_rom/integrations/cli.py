@@ -105,7 +105,13 @@ def compress(args: Namespace) -> None:
         f"compressed {args.model} with {description}: {report.params_before:,} -> "
         f"{report.params_after:,} parameters ({report.ratio:.3f} of the model, {report.linear_ratio:.3f} of the "
         f"decoder linears), {report.factorized_modules} linears factorized, "
-        f"{report.seconds:.1f} s; saved to {args.output}"
+        f"{report.seconds:.1f} s"
+        + (
+            f", healed {report.healing['steps']} steps in {report.healing['seconds']:.0f} s"
+            if report.healing
+            else ""
+        )
+        + f"; saved to {args.output}"
     )
 
 
