@@ -69,6 +69,12 @@ def _auto(heal_minutes: float = 0, **options) -> Callable[..., LowRankConfig]:
     )
 
 
+def _best(minutes: float) -> Callable[..., LowRankConfig]:
+    return lambda ratio, **calib: RomConfig.from_preset(
+        "best", params_ratio=ratio, time_budget=minutes, **calib
+    )
+
+
 def _chat(text_share: float, sample: bool = False) -> Callable[[Path], CalibrationSource]:
     return lambda text: ChatCalibration(text=text, text_share=text_share, sample=sample)
 
@@ -93,6 +99,8 @@ METHODS: dict[str, Method] = {
     # damage scored per output direction, beside rom-auto / rom-auto-mix50 (per matrix)
     "rom-auto-direction": Method(_auto(scoring="direction")),
     "rom-auto-mix50-direction": Method(_auto(scoring="direction"), _chat(0.5)),
+    # --preset best: auto, then healing for what is left of a 20- or 60-minute budget
+    **{f"rom-best{minutes}": Method(_best(minutes)) for minutes in (20, 60)},
     "rom-auto-refine8-cosine-block": Method(
         _auto(refine_epochs=8, refine_schedule="cosine", refine_params="block")
     ),
