@@ -15,9 +15,16 @@ PRESETS: dict[str, dict[str, object]] = {
     "auto": {"allocation": "adaptive", "target": "local", "refine_epochs": 2},
     "paper": {"allocation": "paper", "target": "local"},
     "uniform": {"allocation": "uniform", "target": "local"},
-    # auto, then healing for whatever time the compression left of the budget (healing is the lever
-    # that bought the most quality per minute; more refinement epochs cost the chat)
-    "best": {"allocation": "adaptive", "target": "local", "refine_epochs": 2, "time_budget": 60.0},
+    # auto with damage scored per direction (measured better, not yet on 7B-shaped models' memory),
+    # then healing for the time the compression left of the budget (the lever that bought the most
+    # quality per minute; more refinement epochs cost the chat)
+    "best": {
+        "allocation": "adaptive",
+        "scoring": "direction",
+        "target": "local",
+        "refine_epochs": 2,
+        "time_budget": 60.0,
+    },
 }
 
 
