@@ -78,8 +78,8 @@ try:
                 default="uniform",
                 choices=["auto", "best", "paper", "uniform"],
                 help="rom: auto = adaptive allocation + 2 epochs of block refinement (the best measured fast "
-                "setting; add --heal-minutes for healing); best = auto, then healing for what is left of "
-                "--time-budget (default 60 min); paper / uniform = the paper's allocations (default uniform)",
+                "setting; add --heal-minutes for healing); best = auto with damage scored per direction, then "
+                "healing for what is left of --time-budget (default 60 min); paper / uniform = the paper's allocations (default uniform)",
             )
             add_config_options(parser, OPTIONS.COMMON + OPTIONS.ROM)
             parser.add_argument(
