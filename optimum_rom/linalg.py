@@ -20,11 +20,12 @@ def top_eigenvectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
     return vectors[:, -rank:].flip(-1)
 
 
-def top_left_singular_vectors(
-    matrix: torch.Tensor, rank: int, right: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The top-``rank`` left singular vectors of ``F = matrix @ right`` (or of ``matrix``), from the
-    eigenpairs of F's smaller Gram matrix.
+def _gram_eigenpairs(
+    matrix: torch.Tensor, right: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Eigenpairs, largest first, of the smaller Gram matrix of ``F = matrix @ right`` (or of
+    ``matrix``), and whether F is tall: for a wide F, of ``F F^T`` (its eigenvectors are F's left
+    singular vectors); for a tall one, of ``F^T F`` (its right singular vectors).
 
     For a tall ``matrix`` (an MLP's up projection) the Gram matrix is formed as
     ``right^T (matrix^T matrix) right`` and ``F`` itself, as large as the weight in float64, is never
@@ -33,10 +34,22 @@ def top_left_singular_vectors(
     rows, columns = matrix.shape[0], (matrix if right is None else right).shape[1]
     if rows <= columns:
         product = matrix if right is None else matrix @ right
-        return top_eigenvectors(product @ product.T, rank)
-    gram = matrix.T @ matrix if right is None else right.T @ (matrix.T @ matrix) @ right
-    values, vectors = torch.linalg.eigh(gram)
-    values, vectors = values[-rank:].flip(-1), vectors[:, -rank:].flip(-1)
+        values, vectors = torch.linalg.eigh(symmetric(product @ product.T))
+    else:
+        gram = matrix.T @ matrix if right is None else right.T @ (matrix.T @ matrix) @ right
+        values, vectors = torch.linalg.eigh(gram)
+    return values.flip(0), vectors.flip(-1), rows > columns
+
+
+def top_left_singular_vectors(
+    matrix: torch.Tensor, rank: int, right: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The top-``rank`` left singular vectors of ``F = matrix @ right`` (or of ``matrix``), from the
+    eigenpairs of F's smaller Gram matrix."""
+    values, vectors, tall = _gram_eigenpairs(matrix, right)
+    if not tall:
+        return vectors[:, :rank]
+    values, vectors = values[:rank], vectors[:, :rank]
     if values[-1] <= 1e-10 * values[0]:  # rank-deficient: the SVD keeps the basis orthonormal
         product = matrix if right is None else matrix @ right
         return torch.linalg.svd(product, full_matrices=False)[0][:, :rank]
@@ -48,18 +61,14 @@ def left_singular_pairs(
     matrix: torch.Tensor, right: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All squared singular values (descending) of ``F = matrix @ right`` and their left singular
-    vectors (one column each), from the eigenpairs of F's smaller Gram matrix as above.
+    vectors (one column each), from the eigenpairs of F's smaller Gram matrix.
 
     A column whose value is zero to rounding is zero too: no direction carries it.
     """
-    rows, columns = matrix.shape[0], (matrix if right is None else right).shape[1]
-    if rows <= columns:
-        product = matrix if right is None else matrix @ right
-        values, vectors = torch.linalg.eigh(symmetric(product @ product.T))
-        return values.flip(0).clamp(min=0), vectors.flip(-1)
-    gram = matrix.T @ matrix if right is None else right.T @ (matrix.T @ matrix) @ right
-    values, vectors = torch.linalg.eigh(symmetric(gram))
-    values, vectors = values.flip(0).clamp(min=0), vectors.flip(-1)
+    values, vectors, tall = _gram_eigenpairs(matrix, right)
+    values = values.clamp(min=0)
+    if not tall:
+        return values, vectors
     live = values > 1e-10 * values[0]
     scaled = torch.where(live, vectors / values.sqrt().clamp(min=torch.finfo(values.dtype).tiny), 0.0)
     return values, matrix @ (scaled if right is None else right @ scaled)

@@ -130,7 +130,8 @@ def compressed_dir(model_dir, calibration_file, tmp_path):
 
 def whole_model_output_gradients(model, data, sites, bases=None):
     """Mean squared loss gradient at each linear's output, by autograd through the whole model; for a
-    linear in ``bases``, the mean over tokens of the squared gradient along each basis column."""
+    linear in ``bases``, ``diag(U^T G U)`` of the gradient's second moment ``G`` (mean over tokens of
+    ``g g^T``): its energy along each basis column."""
     bases = bases or {}
     totals = {site.name: 0.0 for site in sites}
     counts = dict.fromkeys(totals, 0)
@@ -140,7 +141,7 @@ def whole_model_output_gradients(model, data, sites, bases=None):
             gradient = grad_output[0].double()
             if name in bases:
                 tokens = gradient.reshape(-1, gradient.shape[-1])
-                totals[name] = totals[name] + (tokens @ bases[name].double()).pow(2).sum(0)
+                totals[name] = totals[name] + tokens.T @ tokens
                 counts[name] += len(tokens)
             else:
                 totals[name] += gradient.pow(2).sum().item()
@@ -155,4 +156,6 @@ def whole_model_output_gradients(model, data, sites, bases=None):
             model(inputs_embeds=embedded, labels=labels, use_cache=False).loss.backward()
     for hook in hooks:
         hook.remove()
+    for name, basis in bases.items():
+        totals[name] = torch.einsum("ij,ik,kj->j", basis.double(), totals[name], basis.double())
     return {name: totals[name] / counts[name] for name in totals}

@@ -128,8 +128,11 @@ class OutputGradients:
         return self.inputs.directory / f"bases-{index}.pt"
 
     def _bases(self, index: int) -> dict[str, torch.Tensor]:
+        """The block's recorded bases, in float64 once here rather than at every chunk's backward."""
         file = self._bases_file(index)
-        return torch.load(file, weights_only=True) if file.is_file() else {}
+        if not file.is_file():
+            return {}
+        return {name: basis.double() for name, basis in torch.load(file, weights_only=True).items()}
 
     def _head_gradient(
         self, blocks_name: str, blocks: nn.ModuleList, weights: WeightSource | None
@@ -212,7 +215,7 @@ def _accumulate(name: str, totals: dict, counts: dict[str, int], basis: torch.Te
             counts[name] += gradient.numel()
         else:
             tokens = gradient.reshape(-1, gradient.shape[-1])
-            totals[name] = totals[name] + (tokens @ basis.double()).pow(2).sum(0)
+            totals[name] = totals[name] + (tokens @ basis).pow(2).sum(0)
             counts[name] += len(tokens)
 
     return hook

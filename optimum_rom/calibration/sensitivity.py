@@ -61,7 +61,9 @@ def measure_damage(
         by_block.setdefault(site.block, []).append(site.name)
     blocks_name, blocks = find_blocks(model)
     per_direction = scoring == "direction"
-    basis_bytes = sum(s.out_features * min(s.out_features, s.in_features) * 4 for s in sites) * per_direction
+    basis_bytes = (
+        sum(s.out_features * min(s.out_features, s.in_features) * 4 for s in sites) if per_direction else 0
+    )
     gradients = OutputGradients(model, data.rows(slice(GRADIENT_SAMPLES)), scratch, basis_bytes)
     stream = None
     if weights is not None:
