@@ -45,6 +45,7 @@ from optimum_rom.calibration.data import CalibrationSource, ChatCalibration
 from optimum_rom.checkpoint import exclusive, write_text_atomically
 from optimum_rom.evaluation.suite import TASKS, ZERO_SHOT_TASKS, EvaluationOptions, parse_tasks, summarize
 from optimum_rom.evaluation.suite import evaluate as run_tasks
+from optimum_rom.memory import peak_resident_mib, reset_peak_resident
 from optimum_rom.model_sources import DEFAULT_MODEL
 from optimum_rom.task_data import load_pairs, split_pairs
 
@@ -188,8 +189,11 @@ def load_or_compress(args, method: str, ratio: float, store: ResultStore):
     recipe = METHODS[method]
     config = recipe.config(ratio, num_samples=args.num_samples, seq_len=args.calibration_seq_len)
     calibration = recipe.calibration(args.calibration) if recipe.calibration else args.calibration
+    reset_peak_resident()
     optimizer.compress(config, calibration=calibration, save_dir=checkpoint, overwrite=True)
-    store.run(model_key(method, ratio))["compression"] = optimizer.report.to_dict()
+    report = optimizer.report.to_dict()
+    report["peak_resident_mib"] = peak_resident_mib()  # in memory (the whole model loaded), not streamed
+    store.run(model_key(method, ratio))["compression"] = report
     store.save()
     return optimizer.model, optimizer.tokenizer
 
@@ -310,18 +314,19 @@ def markdown_tables(data: dict[str, Any]) -> str:
     task_names = [t for t in TASKS if any(t in run["tasks"] for _, _, run in rows)]
     lines += [
         "",
-        "Wall time of each evaluation (s), and of the compression:",
+        "Wall time of each evaluation (s), and of the compression with its peak resident memory (the whole",
+        "model in memory):",
         "",
-        "| method | target | compression | " + " | ".join(task_names) + " |",
-        "|---" * (3 + len(task_names)) + "|",
+        "| method | target | compression | peak MiB | " + " | ".join(task_names) + " |",
+        "|---" * (4 + len(task_names)) + "|",
     ]
     for method, ratio, run in rows:
-        compression = run.get("compression", {}).get("seconds")
+        compression = run.get("compression", {})
+        seconds, peak = compression.get("seconds"), compression.get("peak_resident_mib")
         cells = [f"{run['tasks'][t]['seconds']:.0f}" if t in run["tasks"] else "" for t in task_names]
         lines.append(
-            f"| {method} | {ratio:g} | {'' if compression is None else f'{compression:.0f}'} | "
-            + " | ".join(cells)
-            + " |"
+            f"| {method} | {ratio:g} | {'' if seconds is None else f'{seconds:.0f}'} | "
+            f"{'' if peak is None else f'{peak:.0f}'} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines) + "\n"
 

@@ -5,6 +5,7 @@
     python benchmarks/streaming.py --part smollm2                       # streamed vs in memory
     python benchmarks/streaming.py --part depth --blocks 12 24          # 1.5B-class random Llama
     python benchmarks/streaming.py --part moonshot --moonshot-blocks 2  # 7B-shaped, projected to 32
+    python benchmarks/streaming.py --part moonshot --moonshot-scoring direction  # best's damage score
 
 Part "presets": SmolLM2-135M at 0.8 with each preset, streamed from disk; time and peak RSS of
 the compressing process and WikiText-2 test perplexity (seq 512, 40 windows) of the result.
@@ -177,7 +178,7 @@ def llama_7b_shaped(directory: Path, blocks: int) -> Path:
     return directory
 
 
-def moonshot_part(work: Path, blocks: int, samples: int) -> list[dict]:
+def moonshot_part(work: Path, blocks: int, samples: int, scoring: str = "matrix") -> list[dict]:
     """``auto`` at 0.8 on a 7B-shaped model of ``blocks`` blocks, and the projection to all 32.
 
     With fewer than 32 blocks the embeddings are a larger share of the model, so the size target
@@ -193,8 +194,9 @@ def moonshot_part(work: Path, blocks: int, samples: int) -> list[dict]:
     source = llama_7b_shaped(work / f"llama-7b-shaped-{blocks}", blocks)
     size_gb = sum(f.stat().st_size for f in source.glob("*.safetensors")) / 1e9
     result = run_child(
-        source, work / f"llama-7b-shaped-{blocks}-auto", "streamed", "random", "auto", env=LOW_MEMORY_ENV,
-        params_ratio=round(linear_ratio, 4), ratio_of="linears", num_samples=samples, seq_len=128,
+        source, work / f"llama-7b-shaped-{blocks}-auto-{scoring}", "streamed", "random", "auto",
+        env=LOW_MEMORY_ENV, params_ratio=round(linear_ratio, 4), ratio_of="linears", num_samples=samples,
+        seq_len=128, scoring=scoring,
     )  # fmt: skip
     events = result.pop("events")
     measured = [t for phase, _, t in events if phase == "measure"]
@@ -207,7 +209,8 @@ def moonshot_part(work: Path, blocks: int, samples: int) -> list[dict]:
     gradients_and_setup = compressed[0] - measured[-1] - compress_block
     per_block_seconds = measure_block + compress_block + gradients_and_setup / blocks
     row = {
-        "model": f"7B-shaped random Llama, {blocks} of 32 blocks, auto", "bf16_gb": size_gb, **result,
+        "model": f"7B-shaped random Llama, {blocks} of 32 blocks, auto, damage per {scoring}",
+        "bf16_gb": size_gb, **result,
         "linear_ratio_target": round(linear_ratio, 4), "measure_block_s": measure_block,
         "compress_block_s": compress_block, "gradients_and_setup_s": gradients_and_setup,
         "projected_32_blocks_h": (result["seconds"] + (SEVEN_B["blocks"] - blocks) * per_block_seconds) / 3600,
@@ -309,6 +312,9 @@ def main() -> None:
         "--moonshot-samples", type=int, default=128, help="its calibration windows of 128 tokens"
     )
     parser.add_argument(
+        "--moonshot-scoring", choices=["matrix", "direction"], default="matrix", help="its damage scoring"
+    )
+    parser.add_argument(
         "--calibration",
         default=str(Path(__file__).parents[1] / "optimum_rom/data/wikitext2_valid_excerpt.txt"),
     )
@@ -323,7 +329,7 @@ def main() -> None:
     if args.part in ("all", "depth"):
         rows += depth_part(args.work, args.blocks, args.depth_preset, args.depth_samples)
     if args.part == "moonshot":  # hours: only when asked for
-        rows += moonshot_part(args.work, args.moonshot_blocks, args.moonshot_samples)
+        rows += moonshot_part(args.work, args.moonshot_blocks, args.moonshot_samples, args.moonshot_scoring)
     (args.work / "streaming.json").write_text(json.dumps(rows, indent=2))
     print("\n| run | fp32 size | peak RSS | time | WikiText-2 ppl |\n|---|---|---|---|---|")
     for row in rows:

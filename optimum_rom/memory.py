@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+from pathlib import Path
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 LARGE_ALLOCATION_BYTES = 2**20
@@ -34,3 +35,17 @@ def map_large_allocations() -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, LARGE_ALLOCATION_BYTES)
+
+
+def peak_resident_mib() -> float:
+    """This process's peak resident memory since it started or since :func:`reset_peak_resident`.
+
+    ``VmHWM`` (Linux), not ``ru_maxrss``, which also counts the parent's memory copied at fork.
+    """
+    status = Path("/proc/self/status").read_text().splitlines()
+    return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+
+
+def reset_peak_resident() -> None:
+    """Start :func:`peak_resident_mib` afresh at today's resident memory, so one phase's peak is its own."""
+    Path("/proc/self/clear_refs").write_text("5")

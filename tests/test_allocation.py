@@ -118,8 +118,10 @@ def test_gradients_measured_block_by_block_equal_the_whole_model_backward(
 
     assert measured.keys() == expected.keys()
     for name, value in expected.items():
-        if name in bases:
-            torch.testing.assert_close(measured[name], value, rtol=1e-9, atol=0, msg=name)
+        if name in bases:  # projected in float32, the gradients' precision
+            torch.testing.assert_close(
+                measured[name], value, rtol=1e-5, atol=1e-7 * value.max().item(), msg=name
+            )
         else:
             assert measured[name] == pytest.approx(value, rel=1e-9), name
     assert list(tmp_path.glob(".rom-gradients-*")) == []  # the spilled inputs are gone

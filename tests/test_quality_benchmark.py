@@ -41,6 +41,7 @@ def test_benchmark_writes_results_table_and_plot_and_resumes(
     for run in results["runs"].values():
         assert set(run["tasks"]) == {"wikitext2", "arc_easy"}
     assert results["runs"]["svd@0.8"]["compression"]["ratio"] == pytest.approx(0.8, rel=0.02)
+    assert 100 < results["runs"]["svd@0.8"]["compression"]["peak_resident_mib"] < 8192
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| svd | 0.8 |" in table and "WikiText-2 ppl" in table and "Wall time" in table
     assert (tmp_path / "out" / "quality.png").stat().st_size > 0

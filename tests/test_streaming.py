@@ -275,3 +275,13 @@ def test_an_already_compressed_model_is_refused(model_dir, calibration_file, tmp
         LowRankOptimizer.from_pretrained(tmp_path / "rom").compress(
             RomConfig(**CONFIG), calibration=calibration_file
         )
+
+
+def test_the_peak_resident_memory_of_one_phase_is_measured_from_a_reset():
+    from optimum_rom.memory import peak_resident_mib, reset_peak_resident
+
+    ballast = b"\x01" * (256 * 2**20)  # written, so resident
+    with_ballast = peak_resident_mib()
+    del ballast
+    reset_peak_resident()
+    assert peak_resident_mib() < with_ballast - 200

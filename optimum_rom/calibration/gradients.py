@@ -128,11 +128,10 @@ class OutputGradients:
         return self.inputs.directory / f"bases-{index}.pt"
 
     def _bases(self, index: int) -> dict[str, torch.Tensor]:
-        """The block's recorded bases, in float64 once here rather than at every chunk's backward."""
+        """The block's recorded bases, float32 as saved: at 7B's shapes a block's bases are ~0.7 GB,
+        twice that in float64, and the projections need no more than the gradients' own precision."""
         file = self._bases_file(index)
-        if not file.is_file():
-            return {}
-        return {name: basis.double() for name, basis in torch.load(file, weights_only=True).items()}
+        return torch.load(file, weights_only=True) if file.is_file() else {}
 
     def _head_gradient(
         self, blocks_name: str, blocks: nn.ModuleList, weights: WeightSource | None
@@ -209,13 +208,13 @@ def _accumulate(name: str, totals: dict, counts: dict[str, int], basis: torch.Te
     of ``basis`` (per token: ``(g U)^2``)."""
 
     def hook(module, grad_input, grad_output):
-        gradient = grad_output[0].detach().double()
+        gradient = grad_output[0].detach()
         if basis is None:
-            totals[name] += gradient.pow(2).sum().item()
+            totals[name] += gradient.double().pow(2).sum().item()
             counts[name] += gradient.numel()
         else:
-            tokens = gradient.reshape(-1, gradient.shape[-1])
-            totals[name] = totals[name] + (tokens @ basis).pow(2).sum(0)
+            tokens = gradient.reshape(-1, gradient.shape[-1]).to(basis.dtype)
+            totals[name] = totals[name] + (tokens @ basis).double().pow(2).sum(0)  # summed in float64
             counts[name] += len(tokens)
 
     return hook

@@ -79,7 +79,8 @@ def measure_damage(
             bases = {}
             for name, linear in linears.items():
                 if per_direction:
-                    spectra[name], bases[name] = statistics[name].output_eigenpairs(linear.weight, center)
+                    spectra[name], basis = statistics[name].output_eigenpairs(linear.weight, center)
+                    bases[name] = basis.float()  # at once: a 7B block's bases in float64 are ~1.4 GB
                 else:
                     spectra[name] = statistics[name].output_spectrum(linear.weight, center)
             gradients.record(step, last=step.index == len(blocks) - 1, bases=bases)
