@@ -1,6 +1,7 @@
 """`optimum-cli rom ...` end to end, run as a user would (subprocesses)."""
 
 import gzip
+import importlib.util
 import json
 import os
 import subprocess
@@ -127,6 +128,20 @@ def test_registering_the_commands_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["1", "False"], result.stderr
     assert "rom" in optimum_cli("--help").stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="scikit-learn is not installed")
+def test_compress_does_not_import_scikit_learn(model_dir, calibration_file, tmp_path):
+    """transformers would import it (~0.1 GB) for assisted generation, which compression never runs."""
+    command = [
+        sys.executable, "-X", "importtime", "-m", "optimum.commands.optimum_cli", "rom", "compress",
+        "--model", model_dir("llama"), "--calibration", calibration_file, "--num-samples", 8, "--seq-len", 32,
+        "--output", tmp_path / "rom",
+    ]  # fmt: skip
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "transformers.generation.candidate_generator" in result.stderr  # what would import it ran
+    assert "sklearn" not in result.stderr
 
 
 def write_data_dir(directory: Path, calibration_file: Path) -> Path:
