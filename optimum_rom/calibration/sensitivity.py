@@ -16,9 +16,9 @@ the allocation-level form of ZS-SVD's per-direction scores (it scores singular d
 weights; ROM drops principal directions of the outputs). ROM still keeps each matrix's top-``r``
 by variance, so the curve sums ``lambda_i * w_i`` in that order.
 
-Measured on SmolLM2-135M at params ratio 0.8 (WikiText-2, 20 windows of 512 tokens):
-uniform allocation 154.5, this estimate 85.9, and the spectrum alone (``tail(r) / tail(0)``,
-no gradient) 266.7; it keeps early and value/key projections dense, where errors travel far.
+The gradient weights are what matter: the spectrum alone (no gradient) allocates worse than
+uniform ranks (README). Weighted, it keeps early and value/key projections dense, where errors
+travel far.
 """
 
 from __future__ import annotations
