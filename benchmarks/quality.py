@@ -192,7 +192,7 @@ def load_or_compress(args, method: str, ratio: float, store: ResultStore):
     reset_peak_resident()
     optimizer.compress(config, calibration=calibration, save_dir=checkpoint, overwrite=True)
     report = optimizer.report.to_dict()
-    report["peak_resident_mib"] = peak_resident_mib()  # in memory (the whole model loaded), not streamed
+    report["peak_resident_mib"] = peak_resident_mib()
     store.run(model_key(method, ratio))["compression"] = report
     store.save()
     return optimizer.model, optimizer.tokenizer
@@ -229,10 +229,9 @@ def run_benchmark(args) -> ResultStore:
     for method, ratio, task in tqdm(pending, desc="benchmark", unit="evaluation"):
         key = model_key(method, ratio)
         if loaded is None or loaded[0] != key:
-            model, tokenizer = load_or_compress(args, method, ratio, store)
-            run = store.run(key)
-            run.update(method=method, ratio=ratio, parameters=model.num_parameters())
-            loaded = (key, model, tokenizer)
+            loaded = None  # the previous model is freed first: a compression's peak is its own
+            loaded = (key, *load_or_compress(args, method, ratio, store))
+            store.run(key).update(method=method, ratio=ratio, parameters=loaded[1].num_parameters())
         tqdm.write(f"{key}: {task}")
         result = run_tasks(loaded[1], loaded[2], [task], args.data_dir, options)["tasks"][task]
         store.run(key)["tasks"][task] = result
@@ -314,8 +313,8 @@ def markdown_tables(data: dict[str, Any]) -> str:
     task_names = [t for t in TASKS if any(t in run["tasks"] for _, _, run in rows)]
     lines += [
         "",
-        "Wall time of each evaluation (s), and of the compression with its peak resident memory (the whole",
-        "model in memory):",
+        "Wall time of each evaluation (s), and of the compression with the process's peak resident memory",
+        "during it (streamed when the model is a directory):",
         "",
         "| method | target | compression | peak MiB | " + " | ".join(task_names) + " |",
         "|---" * (4 + len(task_names)) + "|",
