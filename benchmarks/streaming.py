@@ -32,9 +32,10 @@ import time
 from pathlib import Path
 
 CHILD = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
 from transformers import AutoConfig
 from optimum_rom import LowRankOptimizer, RomConfig
+from optimum_rom.memory import peak_resident_mib
 source, output, mode, calibration, preset, options = sys.argv[1:7]
 optimizer = LowRankOptimizer.from_pretrained(source)
 if mode == "in-memory":
@@ -55,9 +56,7 @@ def timed(cls, phase):
 timed(walker.ReadOnlyBlocks, "measure"); timed(streaming.StreamingBlocks, "compress")
 started = time.perf_counter()
 optimizer.compress(config, calibration=calibration, save_dir=output, overwrite=True, progress=False)
-# VmHWM: ru_maxrss would include the parent's resident memory, kept across fork and exec
-peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
-print(json.dumps({"seconds": time.perf_counter() - started, "peak_rss_mb": peak / 1024,
+print(json.dumps({"seconds": time.perf_counter() - started, "peak_rss_mb": peak_resident_mib(),
                   "params_before": optimizer.report.params_before, "params_after": optimizer.report.params_after,
                   "streamed": optimizer.report.streamed, "events": events}))
 """
