@@ -100,6 +100,10 @@ METHODS: dict[str, Method] = {
     # damage scored per output direction, beside rom-auto / rom-auto-mix50 (per matrix)
     "rom-auto-direction": Method(_auto(scoring="direction")),
     "rom-auto-mix50-direction": Method(_auto(scoring="direction"), _chat(0.5)),
+    # each fit in the loss gradients' metric instead of the plain feature error, beside the above
+    "rom-auto-fisher": Method(_auto(metric="fisher")),
+    "rom-auto-direction-fisher": Method(_auto(scoring="direction", metric="fisher")),
+    "rom-auto-mix50-fisher": Method(_auto(metric="fisher"), _chat(0.5)),
     # --preset best: auto, then healing for what is left of a 20- or 60-minute budget
     **{f"rom-best{minutes}": Method(_best(minutes)) for minutes in (20, 60)},
     "rom-auto-refine8-cosine-block": Method(

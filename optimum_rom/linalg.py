@@ -72,3 +72,14 @@ def left_singular_pairs(
     live = values > 1e-10 * values[0]
     scaled = torch.where(live, vectors / values.sqrt().clamp(min=torch.finfo(values.dtype).tiny), 0.0)
     return values, matrix @ (scaled if right is None else right @ scaled)
+
+
+def fisher_root(covariance: torch.Tensor, damping: float) -> torch.Tensor | None:
+    """``R`` (lower triangular) with ``R R^T = (1 - d) G / mean(diag G) + d I``: the damped metric a
+    Fisher-weighted factorization measures its error in. Normalized by its mean diagonal so that
+    ``d`` means the same at every layer; ``None`` when ``G`` is zero (nothing to weight by)."""
+    scale = covariance.diagonal().mean()
+    if not scale > 0:
+        return None
+    identity = torch.eye(len(covariance), dtype=covariance.dtype)
+    return torch.linalg.cholesky(symmetric((1 - damping) * covariance / scale + damping * identity))

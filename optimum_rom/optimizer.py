@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -80,6 +81,7 @@ class _Job:
     data: Any = None
     heal_data: CalibrationSet | None = None
     lazy: LazyCheckpoint | None = None
+    scratch: Path | None = None  # an in-memory run's measurement spill (a streamed run's is work_dir)
     started: float = field(default_factory=time.perf_counter)  # what a time budget is measured from
 
 
@@ -218,6 +220,9 @@ class LowRankOptimizer(OptimumQuantizer):
             if job.work_dir is not None and not rerun_can_continue(error):
                 shutil.rmtree(job.work_dir, ignore_errors=True)
             raise
+        finally:
+            if job.scratch is not None:
+                shutil.rmtree(job.scratch, ignore_errors=True)
 
     def _compress(self, job: _Job) -> PreTrainedModel:
         """Plan, apply, heal, save: the stages that may leave progress in the work directory."""
@@ -305,11 +310,7 @@ class LowRankOptimizer(OptimumQuantizer):
             check_materialized(model)
         check_finite_weights(job.lazy.tensors() if job.streamed else model.named_parameters())
         try:
-            plan = (
-                self._streamed_plan(job)
-                if job.streamed
-                else job.method.plan(model, job.config, job.data, job.progress)
-            )
+            plan = self._streamed_plan(job) if job.streamed else self._in_memory_plan(job, model)
         except UnreachableTargetError as error:
             if job.config.ratio_of == "model":
                 raise
@@ -323,6 +324,13 @@ class LowRankOptimizer(OptimumQuantizer):
         if job.save_dir is not None and not job.streamed:
             check_output_space(job.save_dir, plan.kept_params * model.dtype.itemsize)
         return model, plan
+
+    def _in_memory_plan(self, job: _Job, model: nn.Module) -> RankPlan:
+        """The pass's plan for a model in memory; a measurement spills to a temporary directory, which
+        lives until the plan is applied (a Fisher-metric plan reads its covariances from it)."""
+        if job.method.measures(job.config):
+            job.scratch = Path(tempfile.mkdtemp(prefix="rom-measurement-"))
+        return job.method.plan(model, job.config, job.data, job.progress, scratch=job.scratch)
 
     def _streamed_plan(self, job: _Job) -> RankPlan:
         """The pass's plan for a streamed run. A measured plan is kept in the work directory: a rerun of

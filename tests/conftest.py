@@ -128,11 +128,13 @@ def compressed_dir(model_dir, calibration_file, tmp_path):
     return make
 
 
-def whole_model_output_gradients(model, data, sites, bases=None):
+def whole_model_output_gradients(model, data, sites, bases=None, covariances=False):
     """Mean squared loss gradient at each linear's output, by autograd through the whole model; for a
     linear in ``bases``, ``diag(U^T G U)`` of the gradient's second moment ``G`` (mean over tokens of
-    ``g g^T``): its energy along each basis column."""
+    ``g g^T``): its energy along each basis column. With ``covariances``, every linear's ``G`` itself."""
     bases = bases or {}
+    if covariances:
+        bases = {site.name: None for site in sites}
     totals = {site.name: 0.0 for site in sites}
     counts = dict.fromkeys(totals, 0)
 
@@ -157,5 +159,6 @@ def whole_model_output_gradients(model, data, sites, bases=None):
     for hook in hooks:
         hook.remove()
     for name, basis in bases.items():
-        totals[name] = torch.einsum("ij,ik,kj->j", basis.double(), totals[name], basis.double())
+        if basis is not None:
+            totals[name] = torch.einsum("ij,ik,kj->j", basis.double(), totals[name], basis.double())
     return {name: totals[name] / counts[name] for name in totals}

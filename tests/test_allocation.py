@@ -4,7 +4,7 @@ import torch
 from optimum_rom import RomConfig
 from optimum_rom.allocation import UnreachableTargetError, plan_by_damage, rank_for_budget
 from optimum_rom.calibration.data import CalibrationSet
-from optimum_rom.calibration.gradients import OutputGradients
+from optimum_rom.calibration.gradients import OutputGradients, load_covariances
 from optimum_rom.calibration.walker import BlockStream, ReadOnlyBlocks, embed_inputs, walk_blocks
 from optimum_rom.passes.rom import plan_rom
 from optimum_rom.streaming import LazyCheckpoint
@@ -96,6 +96,11 @@ def test_gradients_measured_block_by_block_equal_the_whole_model_backward(
             random = torch.randn(site.out_features, min(site.out_features, 6), generator=generator)
             bases[site.name] = torch.linalg.qr(random.double())[0].float()
     expected = whole_model_output_gradients(model, data, sites, bases)
+    # what a Fisher-metric factorization weights by: every linear's gradient covariance, kept per block
+    covariances = tmp_path / "covariances" if per_direction else None
+    if covariances is not None:
+        covariances.mkdir()
+        expected_covariances = whole_model_output_gradients(model, data, sites, covariances=True)
 
     weights = None
     if streamed:  # from disk, one block at a time, the model itself on the meta device
@@ -103,7 +108,7 @@ def test_gradients_measured_block_by_block_equal_the_whole_model_backward(
         weights = LazyCheckpoint(tmp_path / "dense")
         model = weights.model
     blocks_name, blocks = find_blocks(model)
-    gradients = OutputGradients(model, data, scratch=tmp_path)
+    gradients = OutputGradients(model, data, scratch=tmp_path, covariances=covariances)
     stream = weights and BlockStream(
         ReadOnlyBlocks(weights, blocks_name), 0, embed_inputs(model, ids, weights)
     )
@@ -125,6 +130,13 @@ def test_gradients_measured_block_by_block_equal_the_whole_model_backward(
         else:
             assert measured[name] == pytest.approx(value, rel=1e-9), name
     assert list(tmp_path.glob(".rom-gradients-*")) == []  # the spilled inputs are gone
+    if covariances is not None:
+        kept = {}
+        for block in range(len(blocks)):
+            kept.update(load_covariances(covariances, block))
+        assert kept.keys() == expected_covariances.keys()
+        for name, value in expected_covariances.items():  # summed in float32
+            torch.testing.assert_close(kept[name], value, rtol=1e-4, atol=1e-6 * value.abs().max().item())
 
 
 def test_adaptive_allocation_needs_calibration_data():

@@ -1,3 +1,6 @@
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -5,6 +8,8 @@ from torch import nn
 from optimum_rom import FactorizedLinear, LowRankOptimizer, RomConfig
 from optimum_rom.calibration import LinearStatistics, Moments, walk_blocks
 from optimum_rom.calibration.statistics import CrossMoments
+from optimum_rom.linalg import fisher_root
+from optimum_rom.passes import rom as rom_pass
 from optimum_rom.passes.rom import rom_factorize
 from optimum_rom.refinement import refine_block
 from optimum_rom.structure import count_parameters
@@ -89,6 +94,37 @@ def test_rom_beats_plain_svd_of_the_weight_on_the_calibration_data():
     rom_error = (rom(x) - linear(x)).pow(2).mean()
     svd_error = (svd(x) - linear(x)).pow(2).mean()
     assert rom_error < 0.5 * svd_error
+
+
+@pytest.mark.parametrize("site", ["input", "output"])
+def test_a_fisher_metric_factorization_minimizes_the_loss_weighted_error(site):
+    """With the loss gradients' covariance as the metric, the kept directions are the ones the loss
+    feels: the weighted error is the tail of the weighted spectrum, well below what the plain PCA
+    leaves, and full damping is the plain PCA."""
+    torch.manual_seed(0)
+    x, linear, rank = features(), nn.Linear(48, 32), 6
+    outputs = (linear(x) - linear.bias).detach().double()
+    generator = torch.Generator().manual_seed(1)
+    mixing = torch.linalg.qr(torch.randn(32, 32, generator=generator, dtype=torch.float64))[0]
+    gradient_covariance = mixing @ torch.diag(torch.logspace(0, -3, 32, dtype=torch.float64)) @ mixing.T
+    root = fisher_root(gradient_covariance, damping=0.1)
+    metric = root @ root.T
+    moments = Moments(48 if site == "input" else 32)
+    moments.update(x if site == "input" else outputs)
+    stats = LinearStatistics(site, moments)
+
+    def weighted_error(layer):
+        error = (layer(x) - linear(x)).detach().double()
+        return torch.einsum("ni,ij,nj->", error, metric, error).item() / len(x)
+
+    fisher = rom_factorize(linear, stats, rank, root=root)
+    plain = rom_factorize(linear, stats, rank)
+    centred = outputs - outputs.mean(0)
+    weighted_spectrum = torch.linalg.eigvalsh(root.T @ (centred.T @ centred / len(x)) @ root).flip(0)
+    assert weighted_error(fisher) == pytest.approx(weighted_spectrum[rank:].sum().item(), rel=1e-3)
+    assert weighted_error(fisher) < 0.8 * weighted_error(plain)
+    undamped = rom_factorize(linear, stats, rank, root=fisher_root(gradient_covariance, damping=1.0))
+    torch.testing.assert_close(undamped(x), plain(x), atol=1e-5, rtol=1e-5)
 
 
 def test_walker_feeds_each_block_the_output_of_the_modified_block_before_it():
@@ -201,6 +237,15 @@ def test_new_options_are_validated():
         RomConfig(refine_schedule="linear")
     with pytest.raises(ValueError, match="refine_params must be one of"):
         RomConfig(refine_params="norms")
+    with pytest.raises(ValueError, match="metric must be one of"):
+        RomConfig(metric="hessian")
+    with pytest.raises(ValueError, match="--allocation adaptive"):
+        RomConfig(metric="fisher")  # the uniform default measures no gradients
+    with pytest.raises(ValueError, match="needs target='local'"):
+        RomConfig(allocation="adaptive", metric="fisher", target="dense")
+    for damping in (0, 1.5, "0.1"):
+        with pytest.raises(ValueError, match=r"fisher_damping must be a number in \(0, 1\]"):
+            RomConfig(allocation="adaptive", metric="fisher", fisher_damping=damping)
 
 
 @pytest.mark.parametrize(
@@ -210,6 +255,7 @@ def test_new_options_are_validated():
         dict(refine_epochs=2),
         dict(target="dense", refine_epochs=1),
         dict(allocation="adaptive", target="dense"),
+        dict(allocation="adaptive", metric="fisher", refine_epochs=1),
     ],
 )
 def test_error_correcting_and_refined_compression_end_to_end(options, model_dir, calibration_file, tmp_path):
@@ -220,3 +266,33 @@ def test_error_correcting_and_refined_compression_end_to_end(options, model_dir,
     )
     assert optimizer.report.ratio == pytest.approx(0.7, rel=0.01)
     assert torch.isfinite(model(torch.randint(0, 500, (1, 8))).logits).all()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_an_in_memory_fisher_run_leaves_no_measurement_behind(
+    fails, model_dir, calibration_file, tmp_path, monkeypatch
+):
+    temporary = tmp_path / "tmp"  # where an in-memory run spills its gradient covariances
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    spilled = []
+    load_covariances = rom_pass.load_covariances
+
+    def load_then_maybe_fail(directory, block):
+        spilled.append(Path(directory))
+        if fails:
+            raise OSError("disk went away")
+        return load_covariances(directory, block)
+
+    monkeypatch.setattr(rom_pass, "load_covariances", load_then_maybe_fail)
+    optimizer = LowRankOptimizer.from_pretrained(model_dir("llama"))
+    assert optimizer.model is not None  # in memory, not streamed
+    config = RomConfig(params_ratio=0.7, num_samples=16, seq_len=32, allocation="adaptive", metric="fisher")
+    if fails:
+        with pytest.raises(OSError, match="disk went away"):
+            optimizer.compress(config, calibration=calibration_file, progress=False)
+    else:
+        optimizer.compress(config, calibration=calibration_file, progress=False)
+        assert optimizer.report.ratio == pytest.approx(0.7, rel=0.01)
+    assert spilled and spilled[0].is_relative_to(temporary)
+    assert list(temporary.iterdir()) == []

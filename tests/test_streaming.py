@@ -43,6 +43,7 @@ AUTO = {"allocation": "adaptive", "refine_epochs": 1}  # what --preset auto stre
         ("gemma", None, AUTO),
         ("llama", None, {**AUTO, "refine_params": "block", "refine_schedule": "cosine"}),
         ("llama", None, {**AUTO, "scoring": "direction"}),
+        ("qwen2", None, {**AUTO, "metric": "fisher"}),
     ],
 )
 def test_streamed_and_in_memory_compression_give_the_same_model(
@@ -103,7 +104,10 @@ KILL_AFTER_SECOND_BLOCK = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("options", [{}, {"target": "dense", "refine_epochs": 1}, AUTO])
+# a Fisher-metric plan keeps its measured gradient covariances in the work directory for the rerun
+@pytest.mark.parametrize(
+    "options", [{}, {"target": "dense", "refine_epochs": 1}, AUTO, {**AUTO, "metric": "fisher"}]
+)
 def test_a_killed_run_resumes_and_produces_the_identical_checkpoint(
     options, model_dir, calibration_file, tmp_path, monkeypatch
 ):
@@ -125,7 +129,7 @@ def test_a_killed_run_resumes_and_produces_the_identical_checkpoint(
     assert not (tmp_path / "out").exists()  # a partial run never looks like a checkpoint
     assert (tmp_path / ".out.partial" / "progress.json").is_file()
 
-    if options is AUTO:  # the measured plan was kept: the rerun does not measure the model again
+    if options.get("allocation") == "adaptive":  # the measured plan was kept: not measured again
         assert (tmp_path / ".out.work" / "progress.json").is_file()
         monkeypatch.setattr("optimum_rom.passes.rom.measure_damage", None)
     resumed = LowRankOptimizer.from_pretrained(dense)

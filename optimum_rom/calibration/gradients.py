@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -53,6 +54,10 @@ class OutputGradients:
     a linear given an orthonormal output basis ``U``, the mean over tokens of ``(g . u_i)^2`` for
     each basis vector (the squared gradient along each direction ROM may drop).
 
+    With a ``covariances`` directory, the backward also keeps every measured linear's gradient
+    covariance ``E[g g^T]`` (out x out, float32), one file per block (:func:`covariance_file`): the
+    metric a Fisher-weighted factorization minimizes its error in.
+
     Use: :meth:`record` every block's step of a forward walk over the dense model (it keeps the
     inputs of ``data``'s rows, and the block's bases), then :meth:`backward`. The loss is the
     model's next-token loss on ``data``'s target tokens (what the assistant says, for chat data).
@@ -60,7 +65,12 @@ class OutputGradients:
     """
 
     def __init__(
-        self, model: nn.Module, data: CalibrationSet, scratch: Path | None = None, basis_bytes: int = 0
+        self,
+        model: nn.Module,
+        data: CalibrationSet,
+        scratch: Path | None = None,
+        spill_bytes: int = 0,
+        covariances: Path | None = None,
     ) -> None:
         self.model = model
         self.labels = data.labels()
@@ -68,7 +78,8 @@ class OutputGradients:
         _, blocks = find_blocks(model)
         hidden_bytes = len(self.rows) * self.labels.shape[1] * model.config.get_text_config().hidden_size * 4
         self._directory = tempfile.TemporaryDirectory(prefix=".rom-gradients-", dir=scratch)
-        ensure_free_space(Path(self._directory.name), hidden_bytes * len(blocks) + basis_bytes)
+        ensure_free_space(Path(self._directory.name), hidden_bytes * len(blocks) + spill_bytes)
+        self.covariances = covariances
         self.inputs = BlockInputs(Path(self._directory.name))
         self.outputs: torch.Tensor | None = None
         self.call_kwargs: list[dict] = []
@@ -104,14 +115,28 @@ class OutputGradients:
                     if weights is not None:
                         weights.load(f"{blocks_name}.{index}")
                     bases = self._bases(index)
+                    names = linears.get(index, [])
                     hooks = [
                         self.model.get_submodule(name).register_full_backward_hook(
                             _accumulate(name, totals, counts, bases.get(name))
                         )
-                        for name in linears.get(index, [])
+                        for name in names
                     ]
+                    grams: dict[str, list] = {}
+                    if self.covariances is not None:
+                        hooks += [
+                            self.model.get_submodule(name).register_full_backward_hook(
+                                _accumulate_gram(name, grams)
+                            )
+                            for name in names
+                        ]
                     try:
                         gradient = self._block_backward(blocks[index], index, gradient, chunk)
+                        if grams:
+                            save_file(
+                                {name: gram / count for name, (gram, count) in grams.items()},
+                                covariance_file(self.covariances, index),
+                            )
                     finally:
                         for hook in hooks:
                             hook.remove()
@@ -179,6 +204,16 @@ class OutputGradients:
         return previous
 
 
+def covariance_file(directory: str | Path, block: int) -> Path:
+    """Where :class:`OutputGradients` keeps block ``block``'s gradient covariances."""
+    return Path(directory) / f"gradient-covariances-{block}.safetensors"
+
+
+def load_covariances(directory: str | Path, block: int) -> dict[str, torch.Tensor]:
+    """Block ``block``'s gradient covariances, by linear name (float64)."""
+    return {name: gram.double() for name, gram in load_file(covariance_file(directory, block)).items()}
+
+
 def _rows_with_targets(labels: torch.Tensor) -> torch.Tensor:
     """The sequences of every loss group that has a target token (a group without one has no loss)."""
     rows = [
@@ -216,5 +251,20 @@ def _accumulate(name: str, totals: dict, counts: dict[str, int], basis: torch.Te
             tokens = gradient.reshape(-1, gradient.shape[-1]).to(basis.dtype)
             totals[name] = totals[name] + (tokens @ basis).double().pow(2).sum(0)  # summed in float64
             counts[name] += len(tokens)
+
+    return hook
+
+
+def _accumulate_gram(name: str, grams: dict[str, list]):
+    """A backward hook adding up ``g^T g`` over the tokens. float32 sums: a covariance of a few
+    thousand tokens loses nothing that matters to the damped metric, and at 7B's shapes a block's
+    covariances are ~1.2 GB in float32, twice that in float64."""
+
+    def hook(module, grad_input, grad_output):
+        tokens = grad_output[0].detach().reshape(-1, grad_output[0].shape[-1]).float()
+        if name not in grams:
+            grams[name] = [tokens.new_zeros(tokens.shape[1], tokens.shape[1]), 0]
+        grams[name][0].addmm_(tokens.T, tokens)
+        grams[name][1] += len(tokens)
 
     return hook

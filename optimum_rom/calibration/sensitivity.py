@@ -46,6 +46,7 @@ def measure_damage(
     weights: WeightSource | None = None,
     scratch: Path | None = None,
     scoring: str = "matrix",
+    covariances: Path | None = None,
 ) -> dict[str, torch.Tensor]:
     """``damage[name][r]``: estimated loss increase of keeping rank ``r`` of that linear (float64).
 
@@ -55,16 +56,22 @@ def measure_damage(
     model is on the meta device and each block is read when it is needed: one block in memory.
     ``scratch`` is where the kept inputs (and, per direction, the output bases) go (default: the
     system's temporary directory). ``scoring``: ``"matrix"`` or ``"direction"`` (see the module).
+    With ``covariances`` (a directory), the gradient covariances at every linear's output are kept
+    there too, for a Fisher-metric factorization (``RomConfig(metric="fisher")``).
     """
     by_block: dict[int, list[str]] = {}
     for site in sites:
         by_block.setdefault(site.block, []).append(site.name)
     blocks_name, blocks = find_blocks(model)
     per_direction = scoring == "direction"
-    basis_bytes = (
-        sum(s.out_features * min(s.out_features, s.in_features) * 4 for s in sites) if per_direction else 0
+    spill_bytes = 0
+    if per_direction:
+        spill_bytes += sum(s.out_features * min(s.out_features, s.in_features) * 4 for s in sites)
+    if covariances is not None:
+        spill_bytes += sum(s.out_features**2 * 4 for s in sites)
+    gradients = OutputGradients(
+        model, data.rows(slice(GRADIENT_SAMPLES)), scratch, spill_bytes, covariances=covariances
     )
-    gradients = OutputGradients(model, data.rows(slice(GRADIENT_SAMPLES)), scratch, basis_bytes)
     stream = None
     if weights is not None:
         stream = BlockStream(

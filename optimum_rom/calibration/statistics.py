@@ -121,14 +121,21 @@ class LinearStatistics:
             self._roots[center] = lower
         return self._roots[center]
 
-    def principal_output_basis(self, weight: torch.Tensor, rank: int, center: bool) -> torch.Tensor:
-        """Top-``rank`` eigenvectors (out x rank, float64) of the covariance of ``W x``.
+    def principal_output_basis(
+        self, weight: torch.Tensor, rank: int, center: bool, root: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Top-``rank`` eigenvectors (out x rank, float64) of the covariance of ``W x`` (of ``R^T W x``
+        with a metric's ``root`` ``R``).
 
         ``Cov(W x) = F F^T`` with ``F = W L`` and ``Cov(x) = L L^T``, so they are the top left
         singular vectors of the thin ``F``; an output-side measurement gives the covariance directly.
         """
         if self.site == "output":
-            return top_eigenvectors(self.second_moment(center), rank)
+            covariance = self.second_moment(center)
+            if root is not None:
+                covariance = root.T @ covariance @ root
+            return top_eigenvectors(covariance, rank)
+        weight = weight.double() if root is None else root.T @ weight.double()
         return top_left_singular_vectors(weight, rank, right=self.input_root(center))
 
     def output_spectrum(self, weight: torch.Tensor, center: bool) -> torch.Tensor:

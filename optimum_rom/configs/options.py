@@ -72,6 +72,20 @@ ROM = (
         "along each output direction (direction)",
         choices=("matrix", "direction"),
     ),
+    Option(
+        "metric",
+        "features",
+        "rom: the error each factorization minimizes: of its output features (features, the paper), or "
+        "weighted by the loss gradients' covariance at its output (fisher; needs --allocation adaptive, "
+        "which measures the gradients)",
+        choices=("features", "fisher"),
+    ),
+    Option(
+        "fisher_damping",
+        0.1,
+        "rom: with --metric fisher, the share of the plain feature error in the metric, in (0, 1] "
+        "(1 = --metric features)",
+    ),
     Option("num_trailing_blocks", None, "rom: blocks compressed by --allocation paper", type=int),
     Option(
         "target",

@@ -42,6 +42,14 @@ class RomConfig(LowRankConfig):
         scoring: for ``"adaptive"``: ``"matrix"`` weights a linear's spectrum by its mean squared
             output gradient; ``"direction"`` weights each principal direction by the gradient's
             energy along it (see optimum_rom.calibration.sensitivity).
+        metric: the error each linear's factorization minimizes. ``"features"`` (the paper): the
+            squared error of its output features. ``"fisher"``: that error weighted by the
+            covariance ``G`` of the loss gradient at the output, the second-order estimate of what
+            the error costs the loss, so directions the loss does not feel are dropped first
+            (needs ``allocation="adaptive"``, whose gradient pass measures ``G``).
+        fisher_damping: for ``"fisher"``: the metric is ``(1 - d) G / mean(diag G) + d I``. ``G``
+            comes from a few thousand tokens and has small eigenvalues it cannot trust; ``d = 1``
+            is the plain feature metric.
         num_trailing_blocks: for ``"paper"``: how many trailing blocks to compress. ``None``
             picks the count at which each compressed matrix keeps about half of its parameters,
             which is what the paper's 80% LLaMA-7B setting amounts to.
@@ -74,6 +82,8 @@ class RomConfig(LowRankConfig):
 
     allocation: str = default("allocation")
     scoring: str = default("scoring")
+    metric: str = default("metric")
+    fisher_damping: float = default("fisher_damping")
     num_trailing_blocks: int | None = default("num_trailing_blocks")
     center: bool = True
     target: str = default("target")
@@ -98,9 +108,20 @@ class RomConfig(LowRankConfig):
             raise ValueError(f"refine_epochs must be a non-negative integer, got {self.refine_epochs!r}")
         if not isinstance(self.refine_lr, (int, float)) or not self.refine_lr > 0:
             raise ValueError(f"refine_lr must be a positive number, got {self.refine_lr!r}")
-        for field in ("scoring", "refine_schedule", "refine_params"):
+        for field in ("scoring", "metric", "refine_schedule", "refine_params"):
             if getattr(self, field) not in choices(field):
                 raise ValueError(f"{field} must be one of {choices(field)}, got {getattr(self, field)!r}")
+        if self.metric == "fisher" and self.allocation != "adaptive":
+            raise ValueError(
+                "metric='fisher' weights each fit by the loss gradients that allocation='adaptive' "
+                f"measures; with allocation={self.allocation!r} there are none (CLI: --allocation adaptive, "
+                "or --preset auto)"
+            )
+        if self.metric == "fisher" and self.target != "local":
+            raise ValueError("metric='fisher' weights the local fits; it needs target='local'")
+        damping = self.fisher_damping
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 < damping <= 1:
+            raise ValueError(f"fisher_damping must be a number in (0, 1], got {damping!r}")
         for field in ("heal_minutes", "time_budget"):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or value < 0:

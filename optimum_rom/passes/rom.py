@@ -10,6 +10,11 @@ Projecting mean-centred features and putting the mean back through the bias is w
 the centred covariance of the paper exact (projecting raw features onto centred eigenvectors
 loses the mean: perplexity explodes). Blocks are processed in order and each block sees the
 outputs of the already-compressed blocks before it.
+
+With the Fisher metric (``metric="fisher"``) the error is measured as the loss feels it: with
+``G = R R^T`` the (damped) covariance of the loss gradient at the output, the expected loss
+increase of an output error ``e`` is ``E[e^T G e]`` to second order, minimized by the same PCA
+done on ``R^T W x``: ``V`` its top eigenvectors, ``down = V^T R^T W``, ``up = R^-T V``.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ from torch import nn
 
 from ..allocation import RankPlan, model_ratio, plan_by_damage, plan_model
 from ..calibration.data import CalibrationSet
+from ..calibration.gradients import load_covariances
 from ..calibration.sensitivity import measure_damage
 from ..calibration.statistics import CrossMoments, LinearStatistics, collect_block_statistics
 from ..calibration.walker import BlockStep, BlockStream, WeightSource, walk_blocks
 from ..configs import RomConfig
 from ..layers import FactorizedLinear
-from ..linalg import top_left_singular_vectors
+from ..linalg import fisher_root, top_left_singular_vectors
 from ..refinement import refine_block
 from ..structure import count_parameters, find_linear_sites, set_module
 from .base import CompressionPass
@@ -44,18 +50,29 @@ def plan_rom(
 
     ``"adaptive"`` measures every linear's damage curve on ``data`` first (a dense pass, block by
     block, reading each block from ``weights`` if the model is on the meta device; see
-    optimum_rom.calibration.sensitivity); the other modes need no data.
+    optimum_rom.calibration.sensitivity); the other modes need no data. With the Fisher metric the
+    measured gradient covariances are kept in ``scratch`` for :func:`run_rom` (the plan names them).
     """
     if config.allocation == "adaptive":
         if data is None:
             raise ValueError("allocation='adaptive' measures the model on calibration data: pass data")
+        covariances = None
+        if config.metric == "fisher":
+            if scratch is None:
+                raise ValueError(
+                    "metric='fisher' keeps the measured gradient covariances on disk: pass scratch"
+                )
+            covariances = Path(scratch) / "gradient-covariances"
+            covariances.mkdir(parents=True, exist_ok=True)
         sites = find_linear_sites(model, config.target_modules)
         damage = measure_damage(
-            model, data, sites, config.center, progress, weights, scratch, scoring=config.scoring
+            model, data, sites, config.center, progress, weights, scratch, config.scoring, covariances
         )
-        return plan_by_damage(
+        plan = plan_by_damage(
             sites, count_parameters(model), model_ratio(config, model), config.center, damage
         )
+        plan.fisher = None if covariances is None else str(covariances)
+        return plan
     return plan_model(
         model,
         model_ratio(config, model),
@@ -89,12 +106,32 @@ def run_rom(
             model, data.input_ids, desc="ROM", progress=progress, stream=stream, reference=reference
         ):
             if step.index in by_block:
-                _compress_block(model, step, by_block[step.index], config, reference)
+                metrics = _fisher_roots(plan, step.index, config) if plan.fisher else {}
+                _compress_block(model, step, by_block[step.index], config, reference, metrics)
     return plan
 
 
+def _fisher_roots(plan: RankPlan, block: int, config: RomConfig) -> dict[str, torch.Tensor]:
+    """The metric roots ``R`` of a block's factorizations, from the plan's measured covariances."""
+    if not Path(plan.fisher).is_dir():
+        raise FileNotFoundError(
+            f"the plan's gradient covariances are gone ({plan.fisher}): a Fisher-metric plan is applied "
+            "in the run that measured it; measure it again (rerun the compression)"
+        )
+    roots = {
+        name: fisher_root(covariance, config.fisher_damping)
+        for name, covariance in load_covariances(plan.fisher, block).items()
+    }
+    return {name: root for name, root in roots.items() if root is not None}
+
+
 def _compress_block(
-    model: nn.Module, step: BlockStep, ranks: dict[str, int], config: RomConfig, reference: bool
+    model: nn.Module,
+    step: BlockStep,
+    ranks: dict[str, int],
+    config: RomConfig,
+    reference: bool,
+    metrics: dict[str, torch.Tensor],
 ) -> None:
     """Factorize one block's linears. A function of its own so that the dense weights and the
     statistics are freed when it returns, before the walker runs the compressed block."""
@@ -106,7 +143,10 @@ def _compress_block(
     outputs = targets if targets is not None and not reference else None
     stats = collect_block_statistics(step, linears, paired=reference, outputs=outputs)
     for name, rank in ranks.items():  # popped: each dense weight and group's statistics go once used
-        set_module(model, name, rom_factorize(linears.pop(name), stats.pop(name), rank, config.center))
+        factorized = rom_factorize(
+            linears.pop(name), stats.pop(name), rank, config.center, root=metrics.get(name)
+        )
+        set_module(model, name, factorized)
     if targets is not None:
         refine_block(
             step,
@@ -132,23 +172,33 @@ def check_calibration_size(config: RomConfig, plan: RankPlan, data: CalibrationS
 
 
 def rom_factorize(
-    linear: nn.Linear, stats: LinearStatistics, rank: int, center: bool = True, ridge: float = 1e-3
+    linear: nn.Linear,
+    stats: LinearStatistics,
+    rank: int,
+    center: bool = True,
+    ridge: float = 1e-3,
+    root: torch.Tensor | None = None,
 ) -> FactorizedLinear:
     """Replace one linear by its rank-``rank`` ROM factorization.
 
-    With paired statistics (error-correcting targets) the factorization instead fits the dense
-    model's outputs ``W z + b`` from the compressed model's inputs ``x`` (see corrected_factors).
+    With a metric ``root`` ``R`` (lower triangular, see linalg.fisher_root) the output error is
+    minimized in the metric ``R R^T`` instead of the plain one. With paired statistics
+    (error-correcting targets) the factorization instead fits the dense model's outputs ``W z + b``
+    from the compressed model's inputs ``x`` (see corrected_factors).
     """
     weight = linear.weight.detach().double()
     bias = None if linear.bias is None else linear.bias.detach().double()
     if stats.site == "paired":
         down, up, bias = corrected_factors(weight, bias, stats.moments, rank, ridge)
     else:
-        up = stats.principal_output_basis(weight, rank, center)
-        down = up.T @ weight
+        basis = stats.principal_output_basis(weight, rank, center, root)
+        # the projection is up @ reads^T: V V^T, or R^-T V V^T R^T in the metric
+        reads = basis if root is None else root @ basis
+        up = basis if root is None else torch.linalg.solve_triangular(root.T, basis, upper=True)
+        down = reads.T @ weight
         if center:
             mean = stats.output_mean(weight)
-            correction = mean - up @ (up.T @ mean)
+            correction = mean - up @ (reads.T @ mean)
             bias = correction if bias is None else bias + correction
     dtype = linear.weight.dtype
     return FactorizedLinear.from_factors(
