@@ -135,7 +135,8 @@ class LinearStatistics:
             if root is not None:
                 covariance = root.T @ covariance @ root
             return top_eigenvectors(covariance, rank)
-        weight = weight.double() if root is None else root.T @ weight.double()
+        if root is not None:
+            weight = root.T @ weight
         return top_left_singular_vectors(weight, rank, right=self.input_root(center))
 
     def output_spectrum(self, weight: torch.Tensor, center: bool) -> torch.Tensor:

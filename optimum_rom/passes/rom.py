@@ -193,8 +193,10 @@ def rom_factorize(
     else:
         basis = stats.principal_output_basis(weight, rank, center, root)
         # the projection is up @ reads^T: V V^T, or R^-T V V^T R^T in the metric
-        reads = basis if root is None else root @ basis
-        up = basis if root is None else torch.linalg.solve_triangular(root.T, basis, upper=True)
+        if root is None:
+            reads = up = basis
+        else:
+            reads, up = root @ basis, torch.linalg.solve_triangular(root.T, basis, upper=True)
         down = reads.T @ weight
         if center:
             mean = stats.output_mean(weight)
