@@ -104,6 +104,7 @@ METHODS: dict[str, Method] = {
     "rom-auto-fisher": Method(_auto(metric="fisher")),
     "rom-auto-direction-fisher": Method(_auto(scoring="direction", metric="fisher")),
     "rom-auto-mix50-fisher": Method(_auto(metric="fisher"), _chat(0.5)),
+    "rom-auto-mix50-direction-fisher": Method(_auto(scoring="direction", metric="fisher"), _chat(0.5)),
     # --preset best: auto, then healing for what is left of a 20- or 60-minute budget
     **{f"rom-best{minutes}": Method(_best(minutes)) for minutes in (20, 60)},
     "rom-auto-refine8-cosine-block": Method(

@@ -1,3 +1,4 @@
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -7,10 +8,11 @@ from torch import nn
 
 from optimum_rom import FactorizedLinear, LowRankOptimizer, RomConfig
 from optimum_rom.calibration import LinearStatistics, Moments, walk_blocks
+from optimum_rom.calibration.data import CalibrationSet
 from optimum_rom.calibration.statistics import CrossMoments
 from optimum_rom.linalg import fisher_root
 from optimum_rom.passes import rom as rom_pass
-from optimum_rom.passes.rom import rom_factorize
+from optimum_rom.passes.rom import plan_rom, rom_factorize, run_rom
 from optimum_rom.refinement import refine_block
 from optimum_rom.structure import count_parameters
 
@@ -296,3 +298,18 @@ def test_an_in_memory_fisher_run_leaves_no_measurement_behind(
         assert optimizer.report.ratio == pytest.approx(0.7, rel=0.01)
     assert spilled and spilled[0].is_relative_to(temporary)
     assert list(temporary.iterdir()) == []
+
+
+def test_a_fisher_plan_whose_measurements_are_gone_is_refused_before_any_block_changes(tmp_path):
+    model = tiny_model("llama")
+    data = CalibrationSet(
+        torch.randint(0, model.config.vocab_size, (16, 32), generator=torch.Generator().manual_seed(0))
+    )
+    config = RomConfig(params_ratio=0.7, allocation="adaptive", metric="fisher")
+    plan = plan_rom(model, config, data, progress=False, scratch=tmp_path)
+    shutil.rmtree(plan.fisher)
+    before = {name: weight.clone() for name, weight in model.state_dict().items()}
+    with pytest.raises(FileNotFoundError, match="gradient covariances are gone"):
+        run_rom(model, config, data, plan, progress=False)
+    assert not any(isinstance(module, FactorizedLinear) for module in model.modules())
+    assert all(torch.equal(before[name], weight) for name, weight in model.state_dict().items())

@@ -116,20 +116,15 @@ class OutputGradients:
                         weights.load(f"{blocks_name}.{index}")
                     bases = self._bases(index)
                     names = linears.get(index, [])
+                    grams: dict[str, tuple[torch.Tensor, int]] | None = (
+                        None if self.covariances is None else {}
+                    )
                     hooks = [
                         self.model.get_submodule(name).register_full_backward_hook(
-                            _accumulate(name, totals, counts, bases.get(name))
+                            _accumulate(name, totals, counts, bases.get(name), grams)
                         )
                         for name in names
                     ]
-                    grams: dict[str, list] = {}
-                    if self.covariances is not None:
-                        hooks += [
-                            self.model.get_submodule(name).register_full_backward_hook(
-                                _accumulate_gram(name, grams)
-                            )
-                            for name in names
-                        ]
                     try:
                         gradient = self._block_backward(blocks[index], index, gradient, chunk)
                         if grams:
@@ -238,33 +233,32 @@ def _head_tensors(model: nn.Module, blocks_name: str) -> list[str]:
     ]
 
 
-def _accumulate(name: str, totals: dict, counts: dict[str, int], basis: torch.Tensor | None):
+def _accumulate(
+    name: str,
+    totals: dict,
+    counts: dict[str, int],
+    basis: torch.Tensor | None,
+    grams: dict[str, tuple[torch.Tensor, int]] | None,
+):
     """A backward hook adding up the squared output gradients: all together, or along each column
-    of ``basis`` (per token: ``(g U)^2``)."""
+    of ``basis`` (per token: ``(g U)^2``); and into ``grams``, when given, their covariance
+    ``g^T g``. The covariance sums in float32: one of a few thousand tokens loses nothing that
+    matters to the damped metric, and at 7B's shapes a block's covariances are ~1.2 GB in float32,
+    twice that in float64."""
 
     def hook(module, grad_input, grad_output):
-        gradient = grad_output[0].detach()
+        tokens = grad_output[0].detach().reshape(-1, grad_output[0].shape[-1])
         if basis is None:
-            totals[name] += gradient.double().pow(2).sum().item()
-            counts[name] += gradient.numel()
+            totals[name] += tokens.double().pow(2).sum().item()
+            counts[name] += tokens.numel()
         else:
-            tokens = gradient.reshape(-1, gradient.shape[-1]).to(basis.dtype)
-            totals[name] = totals[name] + (tokens @ basis).double().pow(2).sum(0)  # summed in float64
+            totals[name] = totals[name] + (tokens.to(basis.dtype) @ basis).double().pow(2).sum(
+                0
+            )  # in float64
             counts[name] += len(tokens)
-
-    return hook
-
-
-def _accumulate_gram(name: str, grams: dict[str, list]):
-    """A backward hook adding up ``g^T g`` over the tokens. float32 sums: a covariance of a few
-    thousand tokens loses nothing that matters to the damped metric, and at 7B's shapes a block's
-    covariances are ~1.2 GB in float32, twice that in float64."""
-
-    def hook(module, grad_input, grad_output):
-        tokens = grad_output[0].detach().reshape(-1, grad_output[0].shape[-1]).float()
-        if name not in grams:
-            grams[name] = [tokens.new_zeros(tokens.shape[1], tokens.shape[1]), 0]
-        grams[name][0].addmm_(tokens.T, tokens)
-        grams[name][1] += len(tokens)
+        if grams is not None:
+            tokens = tokens.float()
+            gram, seen = grams.get(name, (tokens.new_zeros(tokens.shape[1], tokens.shape[1]), 0))
+            grams[name] = (gram.addmm_(tokens.T, tokens), seen + len(tokens))
 
     return hook

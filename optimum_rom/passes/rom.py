@@ -100,6 +100,11 @@ def run_rom(
     for site in find_linear_sites(model, config.target_modules):
         if site.name in plan.ranks:
             by_block.setdefault(site.block, {})[site.name] = plan.ranks[site.name]
+    if plan.fisher and not Path(plan.fisher).is_dir():
+        raise FileNotFoundError(
+            f"the plan's gradient covariances are gone ({plan.fisher}): a Fisher-metric plan is applied "
+            "in the run that measured it; measure it again (rerun the compression)"
+        )
     reference = config.target == "dense"
     with torch.no_grad():
         for step in walk_blocks(
@@ -113,11 +118,6 @@ def run_rom(
 
 def _fisher_roots(plan: RankPlan, block: int, config: RomConfig) -> dict[str, torch.Tensor]:
     """The metric roots ``R`` of a block's factorizations, from the plan's measured covariances."""
-    if not Path(plan.fisher).is_dir():
-        raise FileNotFoundError(
-            f"the plan's gradient covariances are gone ({plan.fisher}): a Fisher-metric plan is applied "
-            "in the run that measured it; measure it again (rerun the compression)"
-        )
     roots = {
         name: fisher_root(covariance, config.fisher_damping)
         for name, covariance in load_covariances(plan.fisher, block).items()
