@@ -88,6 +88,9 @@ METHODS: dict[str, Method] = {
     "svd": Method(lambda ratio, **calib: SvdConfig(params_ratio=ratio)),
     "rom-auto": Method(_auto()),
     "rom-auto-heal15": Method(_auto(15)),
+    # the training steps (refinement, healing) in float32 instead of the default autocast bfloat16
+    "rom-auto-float32": Method(_auto(training_precision="float32")),
+    "rom-auto-heal15-float32": Method(_auto(15, training_precision="float32")),
     "rom-auto-chat": Method(_auto(), _chat(0.0)),
     "rom-auto-chat-heal15": Method(_auto(15), _chat(0.0)),
     "rom-auto-chat-sampled": Method(_auto(), _chat(0.0, sample=True)),

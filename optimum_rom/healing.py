@@ -137,6 +137,7 @@ def heal(
             clip=1.0,
             first_step=spec.first_step,
             after_step=show,
+            precision=spec.precision,
         )
         merge_adapters(peft_model)
     tail = losses[-max(1, len(losses) // 10) :]

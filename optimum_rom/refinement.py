@@ -35,12 +35,16 @@ def refine_block(
     seed: int = 0,
     schedule: str = "constant",
     trained: str = "factors",
+    precision: str = "float32",
 ) -> float:
     """Tune ``step.block`` towards ``targets``; return the held-out relative error (mean squared
     error over the targets' variance) of the kept parameters.
 
     ``trained``: ``"factors"`` (the FactorizedLinear parameters) or ``"block"`` (every parameter of
-    the block); ``schedule``: ``"constant"`` or ``"cosine"`` (warm-up, cosine decay, clipping).
+    the block); ``schedule``: ``"constant"`` or ``"cosine"`` (warm-up, cosine decay, clipping);
+    ``precision``: of the training steps (see optimum_rom.training.compute_dtype). The held-out
+    error that picks the epoch is measured in float32 whatever the precision, so a step that
+    bfloat16 makes worse is never kept.
     """
     if trained == "block":
         parameters = list(step.block.parameters())
@@ -80,7 +84,14 @@ def refine_block(
                 outputs = call_block(step.block, step.inputs[rows], step.call_kwargs)
                 return F.mse_loss(outputs, targets[rows]) / scale
 
-            train(optimizer, loss_at, Budget(steps=per_epoch), clip=clip, after_step=after_step)
+            train(
+                optimizer,
+                loss_at,
+                Budget(steps=per_epoch),
+                clip=clip,
+                after_step=after_step,
+                precision=precision,
+            )
             error = validation_error()
             if error < best_error:
                 best_error, best_state = error, _snapshot(parameters)

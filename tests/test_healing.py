@@ -37,7 +37,8 @@ def test_lora_goes_on_the_factors_so_sizes_survive_the_merge(tokenizer, calibrat
     assert not torch.equal(model.model.layers[0].mlp.up_proj.down.weight, before)
 
 
-def test_distillation_moves_the_student_towards_the_teacher(tokenizer, calibration_file):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_distillation_moves_the_student_towards_the_teacher(precision, tokenizer, calibration_file):
     student, teacher = compressed_tiny_model(tokenizer, calibration_file)
     ids = torch.randint(0, 500, (16, 24))
 
@@ -48,7 +49,7 @@ def test_distillation_moves_the_student_towards_the_teacher(tokenizer, calibrati
             return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean").item()
 
     before = divergence()
-    spec = HealingSpec(steps=20, learning_rate=1e-3)
+    spec = HealingSpec(steps=20, learning_rate=1e-3, precision=precision)
     heal(student, WindowLoss(CalibrationSet(ids), teacher), spec, progress=False)
     assert divergence() < before
 

@@ -195,8 +195,11 @@ def test_error_correcting_fit_undoes_upstream_distortion():
     assert corrected_error < 1e-6 * plain_error
 
 
-@pytest.mark.parametrize(("schedule", "trained"), [("constant", "factors"), ("cosine", "block")])
-def test_block_refinement_reduces_the_block_error(schedule, trained):
+@pytest.mark.parametrize(
+    ("schedule", "trained", "precision"),
+    [("constant", "factors", "float32"), ("cosine", "block", "float32"), ("constant", "factors", "bfloat16")],
+)
+def test_block_refinement_reduces_the_block_error(schedule, trained, precision):
     model = tiny_model("llama")
     ids = torch.randint(0, 500, (64, 32), generator=torch.Generator().manual_seed(0))
     step = next(iter(walk_blocks(model, ids, progress=False)))
@@ -216,9 +219,16 @@ def test_block_refinement_reduces_the_block_error(schedule, trained):
         with torch.no_grad():
             return (step.forward() - targets).pow(2).mean().item()
 
+    seen = set()  # what the factors multiply in while the block trains
+    hook = block.mlp.gate_proj.down.register_forward_hook(
+        lambda module, inputs, output: seen.add(output.dtype) if torch.is_grad_enabled() else None
+    )
     before = error()
-    refine_block(step, targets, epochs=16, lr=1e-3, schedule=schedule, trained=trained)
+    refine_block(step, targets, epochs=16, lr=1e-3, schedule=schedule, trained=trained, precision=precision)
+    hook.remove()
     assert error() < 0.98 * before
+    assert seen == {getattr(torch, precision)}
+    assert all(p.dtype == torch.float32 for p in block.parameters())  # mixed precision: float32 weights
     moved = (
         not torch.equal(norm, block.post_attention_layernorm.weight),
         not torch.equal(dense, block.self_attn.v_proj.weight),

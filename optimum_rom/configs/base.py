@@ -26,6 +26,7 @@ class HealingSpec:
     what the stages before it left (the optimizer measures from the start of ``compress``).
     ``targets``: ``"blocks"`` every linear in the decoder blocks (factors included), ``"factors"``
     only the factors of factorized linears. ``first_step`` continues a pass's batch sequence.
+    ``precision``: of the training steps (see optimum_rom.training.compute_dtype).
     """
 
     minutes: float | None = None
@@ -39,6 +40,7 @@ class HealingSpec:
     targets: str = "blocks"
     gradient_checkpointing: bool = False
     first_step: int = 0
+    precision: str = default("training_precision")
 
 
 @dataclass
@@ -55,6 +57,13 @@ class LowRankConfig(QuantizationConfigMixin):
             factorized; ``None`` means every ``nn.Linear`` inside the decoder blocks.
         num_samples / seq_len: calibration sequences and their length in tokens.
         seed: seeds the calibration sampling, so a run is reproducible.
+        training_precision: what every training step (block refinement, healing, Basis
+            Selection's rounds) multiplies in: ``"bfloat16"`` runs the forward under autocast while
+            the weights, gradients and optimizer state stay float32 (mixed precision); ``"auto"``
+            picks it where the hardware has native bfloat16 arithmetic (a CPU with AVX512-BF16 or
+            AMX multiplies several times faster in it), float32 elsewhere (emulated bfloat16 is
+            slower). The statistics, factorizations and held-out checks always run in float32 or
+            float64.
         modules: filled by the pass: module name -> rank of every factorized linear. This is
             what loading uses to rebuild the factorized skeleton.
         calibration: filled by the optimizer: a short description of the calibration source.
@@ -70,6 +79,7 @@ class LowRankConfig(QuantizationConfigMixin):
     num_samples: int = default("num_samples")
     seq_len: int = default("seq_len")
     seed: int = default("seed")
+    training_precision: str = default("training_precision")
     modules: dict[str, int] = field(default_factory=dict)
     calibration: str | None = None
     source_model: str | None = None
@@ -90,6 +100,10 @@ class LowRankConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.training_precision not in choices("training_precision"):
+            raise ValueError(
+                f"training_precision must be one of {choices('training_precision')}, got {self.training_precision!r}"
+            )
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
 

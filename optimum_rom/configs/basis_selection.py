@@ -112,4 +112,5 @@ class BasisSelectionConfig(LowRankConfig):
             targets="factors",
             gradient_checkpointing=self.gradient_checkpointing,
             first_step=self.num_rounds * self.steps_per_round,
+            precision=self.training_precision,
         )

@@ -54,6 +54,14 @@ COMMON = (
     ),
     Option("seed", 0, "seeds the calibration sampling (and --holdout's split)"),
     Option(
+        "training_precision",
+        "auto",
+        "what training steps (refinement, healing, basis-selection) multiply in: bfloat16 (autocast; "
+        "weights, gradients and optimizer stay float32), float32, or auto = bfloat16 where the CPU or GPU "
+        "has native bfloat16 arithmetic",
+        choices=("auto", "float32", "bfloat16"),
+    ),
+    Option(
         "target_modules", None, "linear names to factorize (default: every linear in the blocks)", many=True
     ),
 )

@@ -147,10 +147,17 @@ class RomConfig(LowRankConfig):
 
     def healing(self) -> HealingSpec | None:
         if self.time_budget:
-            return HealingSpec(minutes=self.time_budget, distill=self.heal_distill, within_budget=True)
+            return HealingSpec(
+                minutes=self.time_budget,
+                distill=self.heal_distill,
+                within_budget=True,
+                precision=self.training_precision,
+            )
         if not self.heal_minutes:
             return None
-        return HealingSpec(minutes=self.heal_minutes, distill=self.heal_distill)
+        return HealingSpec(
+            minutes=self.heal_minutes, distill=self.heal_distill, precision=self.training_precision
+        )
 
     def factorized_bias(self, dense_has_bias: bool) -> bool:
         return self.center or dense_has_bias

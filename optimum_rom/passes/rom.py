@@ -156,6 +156,7 @@ def _compress_block(
             seed=config.seed,
             schedule=config.refine_schedule,
             trained=config.refine_params,
+            precision=config.training_precision,
         )
 
 

@@ -120,6 +120,7 @@ def _rounds(
                     seed=config.seed,
                     bar=bar,
                     status={"round": f"{round_index}/{config.num_rounds}", "bases": f"{kept:.0%}"},
+                    precision=config.training_precision,
                 )
                 if work is not None:
                     save_round(work, round_index, layers, new_bases)

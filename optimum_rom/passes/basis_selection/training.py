@@ -27,6 +27,7 @@ def train_steps(
     seed: int,
     bar: tqdm,
     status: dict[str, str] | None = None,
+    precision: str = "float32",
 ) -> float:
     """``steps`` AdamW steps (a fresh optimizer: the trainable tensors change shape between rounds).
 
@@ -44,6 +45,12 @@ def train_steps(
 
     optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
     losses = train(
-        optimizer, loss_at, Budget(steps=steps), clip=MAX_GRAD_NORM, first_step=first_step, after_step=show
+        optimizer,
+        loss_at,
+        Budget(steps=steps),
+        clip=MAX_GRAD_NORM,
+        first_step=first_step,
+        after_step=show,
+        precision=precision,
     )
     return sum(losses) / len(losses)
