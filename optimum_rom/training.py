@@ -44,7 +44,8 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
     ``"auto"`` is bfloat16 where the device has native bfloat16 arithmetic, where its matmul is
     several times float32's (AVX512-BF16 or AMX CPUs; CUDA GPUs that support it); elsewhere
-    bfloat16 is emulated, slower than float32, so ``"auto"`` keeps float32.
+    bfloat16 is emulated, slower than float32, so ``"auto"`` keeps float32. (torch has no public
+    query for the CPU's instructions; ``torch.cpu._is_*_supported`` are the ones its own kernels use.)
     """
     if precision == "float32":
         return None
