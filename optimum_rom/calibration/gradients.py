@@ -252,9 +252,8 @@ def _accumulate(
             totals[name] += tokens.double().pow(2).sum().item()
             counts[name] += tokens.numel()
         else:
-            totals[name] = totals[name] + (tokens.to(basis.dtype) @ basis).double().pow(2).sum(
-                0
-            )  # in float64
+            along = (tokens.to(basis.dtype) @ basis).double()  # the squares summed in float64
+            totals[name] = totals[name] + along.pow(2).sum(0)
             counts[name] += len(tokens)
         if grams is not None:
             tokens = tokens.float()
