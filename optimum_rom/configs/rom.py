@@ -146,18 +146,12 @@ class RomConfig(LowRankConfig):
         return cls(**{**PRESETS[preset], **overrides})
 
     def healing(self) -> HealingSpec | None:
+        shared = {"distill": self.heal_distill, "precision": self.training_precision}
         if self.time_budget:
-            return HealingSpec(
-                minutes=self.time_budget,
-                distill=self.heal_distill,
-                within_budget=True,
-                precision=self.training_precision,
-            )
+            return HealingSpec(minutes=self.time_budget, within_budget=True, **shared)
         if not self.heal_minutes:
             return None
-        return HealingSpec(
-            minutes=self.heal_minutes, distill=self.heal_distill, precision=self.training_precision
-        )
+        return HealingSpec(minutes=self.heal_minutes, **shared)
 
     def factorized_bias(self, dense_has_bias: bool) -> bool:
         return self.center or dense_has_bias
