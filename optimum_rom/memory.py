@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+from collections.abc import Iterator
 from pathlib import Path
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 LARGE_ALLOCATION_BYTES = 2**20
+HEAP_ALLOCATION_BYTES = 32 * 2**20  # glibc's ceiling for its dynamic threshold (64-bit)
 
 
 def return_freed_memory() -> None:
@@ -27,14 +29,26 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def map_large_allocations() -> None:
+@contextlib.contextmanager
+def large_allocations_mapped() -> Iterator[None]:
     """Serve every allocation of 1 MiB or more with its own memory map, returned when freed.
 
-    Fixing the threshold also stops glibc from raising it (up to 32 MiB) after large frees.
-    It stays set for the process.
+    Fixing the threshold also stops glibc from raising it (up to 32 MiB) after large frees. Every
+    such allocation then starts on fresh pages the kernel must zero, which makes tensor-heavy work
+    slower (a healing step by half again): a price paid only where a flat peak is the point. glibc
+    has no call that restores its dynamic threshold, so on exit the threshold is set to where the
+    dynamic one ends up in a long run, its 32 MiB ceiling.
     """
+    _set_mmap_threshold(LARGE_ALLOCATION_BYTES)
+    try:
+        yield
+    finally:
+        _set_mmap_threshold(HEAP_ALLOCATION_BYTES)
+
+
+def _set_mmap_threshold(size: int) -> None:
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, LARGE_ALLOCATION_BYTES)
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, size)
 
 
 def peak_resident_mib() -> float:
