@@ -91,6 +91,9 @@ METHODS: dict[str, Method] = {
     # the training steps (refinement, healing) in float32 instead of the default autocast bfloat16
     "rom-auto-float32": Method(_auto(training_precision="float32")),
     "rom-auto-heal15-float32": Method(_auto(15, training_precision="float32")),
+    # the calibration walks' block forwards in bfloat16 (autocast) instead of float32
+    "rom-auto-calibration-bfloat16": Method(_auto(calibration_precision="bfloat16")),
+    "rom-auto-mix50-calibration-bfloat16": Method(_auto(calibration_precision="bfloat16"), _chat(0.5)),
     "rom-auto-chat": Method(_auto(), _chat(0.0)),
     "rom-auto-chat-heal15": Method(_auto(15), _chat(0.0)),
     "rom-auto-chat-sampled": Method(_auto(), _chat(0.0, sample=True)),

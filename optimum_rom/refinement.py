@@ -42,7 +42,7 @@ def refine_block(
 
     ``trained``: ``"factors"`` (the FactorizedLinear parameters) or ``"block"`` (every parameter of
     the block); ``schedule``: ``"constant"`` or ``"cosine"`` (warm-up, cosine decay, clipping);
-    ``precision``: of the training steps (see optimum_rom.training.compute_dtype). The held-out
+    ``precision``: of the training steps (see optimum_rom.precision.compute_dtype). The held-out
     error that picks the epoch is measured in float32 whatever the precision, so a step that
     bfloat16 makes worse is never kept.
     """

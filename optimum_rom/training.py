@@ -4,7 +4,7 @@ Each caller says what a step's loss is (``loss_at(step)``, so batches can be a p
 the step and a resumed run sees the batches an uninterrupted one would), which optimizer moves
 which parameters, and for how long (a :class:`Budget` of steps or seconds); :func:`frozen_except`
 makes sure that nothing else is trained and that the model comes back as it was. Every loop can
-run its forward in bfloat16 (``precision``, see :func:`compute_dtype`): torch's autocast, so the
+run its forward in bfloat16 (``precision``, see :func:`optimum_rom.precision.compute_dtype`): torch's autocast, so the
 weights, the gradients and the optimizer's state stay float32 (mixed-precision training).
 """
 
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .precision import autocast, compute_dtype
 
 
 @dataclass(frozen=True)
@@ -37,25 +39,6 @@ class Budget:
         return (self.steps is not None and steps >= self.steps) or (
             self.seconds is not None and seconds >= self.seconds
         )
-
-
-def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The dtype a training forward multiplies in (``None``: float32, no autocast).
-
-    ``"auto"`` is bfloat16 where the device has native bfloat16 arithmetic, where its matmul is
-    several times float32's (AVX512-BF16 or AMX CPUs; CUDA GPUs that support it); elsewhere
-    bfloat16 is emulated, slower than float32, so ``"auto"`` keeps float32. (torch has no public
-    query for the CPU's instructions; ``torch.cpu._is_*_supported`` are the ones its own kernels use.)
-    """
-    if precision == "float32":
-        return None
-    if precision == "bfloat16":
-        return torch.bfloat16
-    if device.type == "cpu":
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    else:
-        native = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if native else None
 
 
 @contextmanager
@@ -104,7 +87,7 @@ def train(
     """Step ``optimizer`` on ``loss_at(step)`` for steps ``first_step, first_step + 1, ...`` until the
     budget is spent; gradients are clipped to norm ``clip`` if given. Returns the losses.
 
-    ``precision``: what ``loss_at`` runs in (see :func:`compute_dtype`); the backward follows it.
+    ``precision``: what ``loss_at`` runs in (see :func:`optimum_rom.precision.compute_dtype`); the backward follows it.
 
     ``after_step(step, loss)`` is called after each step (progress bars, logs).
     """
@@ -116,7 +99,7 @@ def train(
     with torch.enable_grad():
         while not budget.spent(len(losses), time.perf_counter() - started):
             step = first_step + len(losses)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            with autocast(dtype, device):
                 loss = loss_at(step).float()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

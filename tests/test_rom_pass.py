@@ -9,12 +9,13 @@ from torch import nn
 from optimum_rom import FactorizedLinear, LowRankOptimizer, RomConfig
 from optimum_rom.calibration import LinearStatistics, Moments, walk_blocks
 from optimum_rom.calibration.data import CalibrationSet
+from optimum_rom.calibration.sensitivity import measure_damage
 from optimum_rom.calibration.statistics import CrossMoments
 from optimum_rom.linalg import fisher_root
 from optimum_rom.passes import rom as rom_pass
 from optimum_rom.passes.rom import plan_rom, rom_factorize, run_rom
 from optimum_rom.refinement import refine_block
-from optimum_rom.structure import count_parameters
+from optimum_rom.structure import count_parameters, find_linear_sites
 
 from .conftest import ARCHITECTURES, tiny_model
 
@@ -163,6 +164,41 @@ def test_compressing_a_model_reaches_the_target_and_keeps_it_working(
     logits = compressed(ids).logits
     assert torch.isfinite(logits).all()
     assert not torch.allclose(logits, dense_logits)
+
+
+def test_calibration_walks_in_bfloat16_compress_as_float32_does(tokenizer, calibration_file):
+    """The walks' block forwards multiply in bfloat16 (their linears read and write bfloat16), and
+    the model they make is the float32 one up to a small share of what compression itself changes."""
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(1))
+    dense_logits = tiny_model("llama")(ids).logits
+    logits, seen = {}, set()
+    for precision in ("float32", "bfloat16"):
+        model = tiny_model("llama")
+        hook = model.model.layers[1].mlp.down_proj.register_forward_hook(
+            lambda module, inputs, output, precision=precision: seen.add((precision, output.dtype))
+        )
+        config = RomConfig(params_ratio=0.8, num_samples=16, seq_len=32, calibration_precision=precision)
+        compressed = LowRankOptimizer(model, tokenizer).compress(
+            config, calibration=calibration_file, progress=False
+        )
+        hook.remove()
+        logits[precision] = compressed(ids).logits
+    assert seen == {("float32", torch.float32), ("bfloat16", torch.bfloat16)}
+    compression = (logits["float32"] - dense_logits).norm()
+    assert (logits["bfloat16"] - logits["float32"]).norm() < 0.1 * compression
+
+
+def test_damage_measured_in_bfloat16_is_the_float32_damage():
+    """Adaptive allocation's measuring walk in bfloat16: every damage curve within a few percent."""
+    model = tiny_model("llama")
+    data = CalibrationSet(torch.randint(0, 500, (16, 32), generator=torch.Generator().manual_seed(0)))
+    sites = find_linear_sites(model)
+    damage = {
+        p: measure_damage(model, data, sites, progress=False, precision=p) for p in ("float32", "bfloat16")
+    }
+    for site in sites:
+        exact, rounded = damage["float32"][site.name], damage["bfloat16"][site.name]
+        torch.testing.assert_close(rounded, exact, rtol=0.05, atol=0.01 * exact[0].item(), msg=site.name)
 
 
 def paired_statistics(x: torch.Tensor, z: torch.Tensor) -> LinearStatistics:

@@ -47,6 +47,7 @@ def measure_damage(
     scratch: Path | None = None,
     scoring: str = "matrix",
     covariances: Path | None = None,
+    precision: str = "float32",
 ) -> dict[str, torch.Tensor]:
     """``damage[name][r]``: estimated loss increase of keeping rank ``r`` of that linear (float64).
 
@@ -57,7 +58,8 @@ def measure_damage(
     ``scratch`` is where the kept inputs (and, per direction, the output bases) go (default: the
     system's temporary directory). ``scoring``: ``"matrix"`` or ``"direction"`` (see the module).
     With ``covariances`` (a directory), the gradient covariances at every linear's output are kept
-    there too, for a Fisher-metric factorization (``RomConfig(metric="fisher")``).
+    there too, for a Fisher-metric factorization (``RomConfig(metric="fisher")``). ``precision``:
+    of the forward walk's block forwards (see optimum_rom.precision); the backward is float32.
     """
     by_block: dict[int, list[str]] = {}
     for site in sites:
@@ -79,7 +81,9 @@ def measure_damage(
         )
     spectra = {}
     with torch.no_grad():
-        for step in walk_blocks(model, data.input_ids, desc="sensitivity", progress=progress, stream=stream):
+        for step in walk_blocks(
+            model, data.input_ids, desc="sensitivity", progress=progress, stream=stream, precision=precision
+        ):
             linears = {name: model.get_submodule(name) for name in by_block.get(step.index, [])}
             step.outputs = torch.empty_like(step.inputs)  # the block stays dense: one forward serves both
             statistics = collect_block_statistics(step, linears, outputs=step.outputs)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..linalg import left_singular_pairs, symmetric, top_eigenvectors, top_left_singular_vectors
-from .walker import BlockStep, StopForward, call_block
+from .walker import BlockStep, StopForward
 
 
 class Moments:
@@ -245,7 +245,7 @@ def _run_until_measured(
             handles.append(leader.register_forward_pre_hook(make_hook(index, False)))
     try:
         with torch.no_grad(), contextlib.suppress(StopForward):
-            return call_block(step.block, hidden, step.call_kwargs)
+            return step.call(hidden)
     finally:
         for handle in handles:
             handle.remove()
@@ -267,7 +267,7 @@ def shared_input_groups(step: BlockStep, linears: dict[str, nn.Linear]) -> list[
     handles = [module.register_forward_hook(make_hook(name)) for name, module in linears.items()]
     try:
         with torch.no_grad():
-            call_block(step.block, step.inputs[:1], step.call_kwargs)
+            step.call(step.inputs[:1])
     finally:
         for handle in handles:
             handle.remove()

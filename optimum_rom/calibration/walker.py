@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..memory import return_freed_memory
+from ..precision import autocast, compute_dtype
 from ..structure import find_blocks
 
 
@@ -56,6 +57,13 @@ class BlockStep:
     # Set by a pass that ran the block, unchanged, over ``inputs``: the walker takes these as the
     # next block's inputs instead of running the block again.
     outputs: torch.Tensor | None = field(default=None, repr=False)
+    # What the block's forwards multiply in (None: float32; see optimum_rom.precision).
+    dtype: torch.dtype | None = None
+
+    def call(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The block (as it is now) on ``hidden``; what it returns is in ``hidden``'s dtype."""
+        with autocast(self.dtype, hidden.device):
+            return call_block(self.block, hidden, self.call_kwargs).to(hidden.dtype)
 
     def forward(self, inputs: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Run the block (as it is now) over ``inputs`` (default: this step's inputs), in chunks.
@@ -67,7 +75,7 @@ class BlockStep:
         with torch.no_grad():
             for start in range(0, inputs.shape[0], self.batch_size):
                 chunk = inputs[start : start + self.batch_size]
-                outputs[start : start + self.batch_size] = call_block(self.block, chunk, self.call_kwargs)
+                outputs[start : start + self.batch_size] = self.call(chunk)
         return outputs
 
 
@@ -256,13 +264,15 @@ def walk_blocks(
     progress: bool = True,
     stream: BlockStream | None = None,
     reference: bool = False,
+    precision: str = "float32",
 ) -> Iterator[BlockStep]:
     """Yield a :class:`BlockStep` per decoder block, in order.
 
     Between yields the caller may modify ``step.block``; the walker then runs the modified
     block over ``step.inputs`` to produce the next step's inputs. With ``reference`` it also
     carries the dense model's own hidden states alongside (twice the activation memory, one
-    more dense block pass per block).
+    more dense block pass per block). ``precision``: what the block forwards multiply in (see
+    optimum_rom.precision); the hidden states between blocks stay float32.
     """
     blocks_name, blocks = find_blocks(model)
     seq_len = input_ids.shape[1]
@@ -273,6 +283,7 @@ def walk_blocks(
         stream.hidden if stream is not None and stream.hidden is not None else embed_inputs(model, input_ids)
     )
     check_finite(hidden, "the embeddings")
+    dtype = compute_dtype(precision, hidden.device)
     dense = None
     if reference:
         dense = stream.reference if stream is not None and stream.reference is not None else hidden.clone()
@@ -283,7 +294,9 @@ def walk_blocks(
             block = blocks[index]
             if stream is not None:
                 stream.residency.load(index, block)
-            step = BlockStep(index, f"{blocks_name}.{index}", block, hidden, call_kwargs[index], batch_size)
+            step = BlockStep(
+                index, f"{blocks_name}.{index}", block, hidden, call_kwargs[index], batch_size, dtype=dtype
+            )
             if dense is not None:
                 step.reference_inputs, step.reference_outputs = dense, step.forward(dense)
             yield step

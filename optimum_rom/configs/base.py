@@ -26,7 +26,7 @@ class HealingSpec:
     what the stages before it left (the optimizer measures from the start of ``compress``).
     ``targets``: ``"blocks"`` every linear in the decoder blocks (factors included), ``"factors"``
     only the factors of factorized linears. ``first_step`` continues a pass's batch sequence.
-    ``precision``: of the training steps (see optimum_rom.training.compute_dtype).
+    ``precision``: of the training steps (see optimum_rom.precision.compute_dtype).
     """
 
     minutes: float | None = None

@@ -101,6 +101,14 @@ ROM = (
         "rom: fit each linear to its own outputs (local, the paper) or to the dense model's (dense)",
         choices=("local", "dense"),
     ),
+    Option(
+        "calibration_precision",
+        "float32",
+        "rom: what the calibration walks' block forwards (statistics, damage measuring, the next block's "
+        "inputs) multiply in: float32, bfloat16 (autocast; statistics still summed in float32/float64, "
+        "hidden states kept float32), or auto = bfloat16 where the CPU or GPU has native bfloat16 arithmetic",
+        choices=("auto", "float32", "bfloat16"),
+    ),
     Option("refine_epochs", 0, "rom: epochs of block-output refinement after each block's fits"),
     Option("refine_lr", 1e-4, "rom: learning rate of block refinement (Adam)"),
     Option(

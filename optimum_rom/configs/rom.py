@@ -64,6 +64,12 @@ class RomConfig(LowRankConfig):
             blocks 0.75 vs 0.57): the least-squares map from noisy inputs shrinks its outputs
             (errors-in-variables attenuation) and the blocks downstream amplify that. Kept for
             study; no preset uses it.
+        calibration_precision: what the calibration walks' block forwards multiply in (the
+            dense statistics pass, the measuring walk of ``"adaptive"``, the compressed block's pass
+            that makes the next block's inputs): ``"float32"``, ``"bfloat16"`` (autocast) or
+            ``"auto"`` (bfloat16 where it is native; see ``training_precision``). The features are
+            then rounded to bfloat16's 8 bits before they are summed in float32/float64; the hidden
+            states between blocks, the gradient walk and the factorizations stay float32/float64.
         refine_epochs: after the per-linear fits, epochs of Adam on each whole block's output
             (0 = off), towards the dense block's outputs.
         refine_lr: refinement's (peak) learning rate.
@@ -87,6 +93,7 @@ class RomConfig(LowRankConfig):
     num_trailing_blocks: int | None = default("num_trailing_blocks")
     center: bool = True
     target: str = default("target")
+    calibration_precision: str = default("calibration_precision")
     refine_epochs: int = default("refine_epochs")
     refine_lr: float = default("refine_lr")
     refine_schedule: str = default("refine_schedule")
@@ -108,7 +115,7 @@ class RomConfig(LowRankConfig):
             raise ValueError(f"refine_epochs must be a non-negative integer, got {self.refine_epochs!r}")
         if not isinstance(self.refine_lr, (int, float)) or not self.refine_lr > 0:
             raise ValueError(f"refine_lr must be a positive number, got {self.refine_lr!r}")
-        for field in ("scoring", "metric", "refine_schedule", "refine_params"):
+        for field in ("scoring", "metric", "calibration_precision", "refine_schedule", "refine_params"):
             if getattr(self, field) not in choices(field):
                 raise ValueError(f"{field} must be one of {choices(field)}, got {getattr(self, field)!r}")
         if self.metric == "fisher" and self.allocation != "adaptive":

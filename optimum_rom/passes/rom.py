@@ -66,7 +66,16 @@ def plan_rom(
             covariances.mkdir(parents=True, exist_ok=True)
         sites = find_linear_sites(model, config.target_modules)
         damage = measure_damage(
-            model, data, sites, config.center, progress, weights, scratch, config.scoring, covariances
+            model,
+            data,
+            sites,
+            config.center,
+            progress,
+            weights,
+            scratch,
+            config.scoring,
+            covariances,
+            config.calibration_precision,
         )
         plan = plan_by_damage(
             sites, count_parameters(model), model_ratio(config, model), config.center, damage
@@ -108,7 +117,13 @@ def run_rom(
     reference = config.target == "dense"
     with torch.no_grad():
         for step in walk_blocks(
-            model, data.input_ids, desc="ROM", progress=progress, stream=stream, reference=reference
+            model,
+            data.input_ids,
+            desc="ROM",
+            progress=progress,
+            stream=stream,
+            reference=reference,
+            precision=config.calibration_precision,
         ):
             if step.index in by_block:
                 metrics = _fisher_roots(plan, step.index, config) if plan.fisher else {}
