@@ -93,6 +93,11 @@ METHODS: dict[str, Method] = {
     "rom-auto-heal15-float32": Method(_auto(15, training_precision="float32")),
     # the calibration walks' block forwards in bfloat16 (autocast) instead of float32
     "rom-auto-calibration-bfloat16": Method(_auto(calibration_precision="bfloat16")),
+    "rom-uniform-calibration-bfloat16": Method(
+        lambda ratio, **calib: RomConfig(
+            params_ratio=ratio, allocation="uniform", calibration_precision="bfloat16", **calib
+        )
+    ),
     "rom-auto-mix50-calibration-bfloat16": Method(_auto(calibration_precision="bfloat16"), _chat(0.5)),
     "rom-auto-chat": Method(_auto(), _chat(0.0)),
     "rom-auto-chat-heal15": Method(_auto(15), _chat(0.0)),

@@ -97,7 +97,7 @@ class CompressionReport:
     target_ratio: float
     ratio_of: str  # what target_ratio is a fraction of: "model" or "linears"
     factorized_modules: int
-    seconds: float  # compression, healing excluded
+    seconds: float  # planning (measuring walks) and compression; calibration data and healing excluded
     streamed: bool
     healing: dict | None = None
 
@@ -227,13 +227,13 @@ class LowRankOptimizer(OptimumQuantizer):
     def _compress(self, job: _Job) -> PreTrainedModel:
         """Plan, apply, heal, save: the stages that may leave progress in the work directory."""
         save_dir, overwrite = job.save_dir, job.overwrite
+        started = time.perf_counter()
         model, plan = self._plan(job)
         spec = job.config.healing()
         teacher = None
         if spec is not None and spec.distill and not job.streamed:
             teacher = copy.deepcopy(model)  # the dense model, before it is compressed in place
         before = (count_parameters(model), decoder_linear_parameters(model))
-        started = time.perf_counter()
         self._apply(job, model, plan)
         seconds = time.perf_counter() - started
         healing = self._heal(job, spec, teacher)
