@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 LARGE_ALLOCATION_BYTES = 2**20
 HEAP_ALLOCATION_BYTES = 32 * 2**20  # glibc's ceiling for its dynamic threshold (64-bit)
+ONEDNN_CACHE_CAPACITY = "64"
 
 
 def return_freed_memory() -> None:
@@ -30,16 +32,22 @@ def return_freed_memory() -> None:
 
 
 @contextlib.contextmanager
-def large_allocations_mapped() -> Iterator[None]:
-    """Serve every allocation of 1 MiB or more with its own memory map, returned when freed.
+def flat_peak_memory() -> Iterator[None]:
+    """Serve every allocation of 1 MiB or more with its own memory map, returned when freed, and
+    bound oneDNN's cache of matmul primitives.
 
     Fixing the threshold also stops glibc from raising it (up to 32 MiB) after large frees. Every
     such allocation then starts on fresh pages the kernel must zero, which makes tensor-heavy work
-    slower (a healing step by half again): a price paid only where a flat peak is the point. glibc
+    slower: a price paid only where a flat peak is the point. glibc
     has no call that restores its dynamic threshold, so on exit the threshold is set to where the
     dynamic one ends up in a long run, its 32 MiB ceiling.
     """
     _set_mmap_threshold(LARGE_ALLOCATION_BYTES)
+    # oneDNN, which runs torch's bfloat16 matmuls on a CPU, keeps a primitive per matmul shape (1024 by
+    # default), and with adaptive ranks nearly every linear has shapes of its own: bounded, the cache
+    # still holds a block's. oneDNN reads this when it makes its first primitive, for the whole
+    # process; a user's own setting wins.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
     try:
         yield
     finally:

@@ -33,7 +33,7 @@ from .calibration.walker import BlockStream, embed_inputs
 from .checkpoint import PartialOutput, SafetensorsWriter, TensorSpec, ensure_free_space
 from .checkpoint_format import build_skeleton, weights_metadata, with_ranks
 from .configs import LowRankConfig
-from .memory import large_allocations_mapped, return_freed_memory
+from .memory import flat_peak_memory, return_freed_memory
 from .structure import check_compressible, find_blocks
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -186,7 +186,7 @@ def compress_streaming(
     fingerprint = plan_fingerprint(source, config, data, plan.ranks)
     specs = output_specs(source, config, plan)
     with (
-        large_allocations_mapped(),
+        flat_peak_memory(),
         PartialOutput(save_dir, overwrite, fingerprint, resumable=True) as partial,
     ):
         writer = SafetensorsWriter(partial.path / "model.safetensors", specs, weights_metadata())
