@@ -70,6 +70,10 @@ def _auto(heal_minutes: float = 0, **options) -> Callable[..., LowRankConfig]:
     )
 
 
+def _uniform(**options) -> Callable[..., LowRankConfig]:
+    return lambda ratio, **calib: RomConfig(params_ratio=ratio, allocation="uniform", **options, **calib)
+
+
 def _best(minutes: float) -> Callable[..., LowRankConfig]:
     return lambda ratio, **calib: RomConfig.from_preset(
         "best", params_ratio=ratio, time_budget=minutes, **calib
@@ -82,9 +86,7 @@ def _chat(text_share: float, sample: bool = False) -> Callable[[Path], Calibrati
 
 METHODS: dict[str, Method] = {
     "rom-paper": Method(lambda ratio, **calib: RomConfig(params_ratio=ratio, allocation="paper", **calib)),
-    "rom-uniform": Method(
-        lambda ratio, **calib: RomConfig(params_ratio=ratio, allocation="uniform", **calib)
-    ),
+    "rom-uniform": Method(_uniform()),
     "svd": Method(lambda ratio, **calib: SvdConfig(params_ratio=ratio)),
     "rom-auto": Method(_auto()),
     "rom-auto-heal15": Method(_auto(15)),
@@ -93,11 +95,7 @@ METHODS: dict[str, Method] = {
     "rom-auto-heal15-float32": Method(_auto(15, training_precision="float32")),
     # the calibration walks' block forwards in bfloat16 (autocast) instead of float32
     "rom-auto-calibration-bfloat16": Method(_auto(calibration_precision="bfloat16")),
-    "rom-uniform-calibration-bfloat16": Method(
-        lambda ratio, **calib: RomConfig(
-            params_ratio=ratio, allocation="uniform", calibration_precision="bfloat16", **calib
-        )
-    ),
+    "rom-uniform-calibration-bfloat16": Method(_uniform(calibration_precision="bfloat16")),
     "rom-auto-mix50-calibration-bfloat16": Method(_auto(calibration_precision="bfloat16"), _chat(0.5)),
     "rom-auto-chat": Method(_auto(), _chat(0.0)),
     "rom-auto-chat-heal15": Method(_auto(15), _chat(0.0)),

@@ -3,7 +3,8 @@
 Freed tensors go back to the C heap, and glibc hands heap memory back to the OS only from its
 top: blocks and their activations of many sizes, freed in any order, leave a heap as large as
 the most ever in use plus fragmentation. A streamed run's peak memory is the point of streaming,
-so large allocations are made to bypass the heap there (glibc only; elsewhere both are no-ops).
+so large allocations are made to bypass the heap there (glibc only; elsewhere both are no-ops),
+and oneDNN's cache of bfloat16 matmul primitives is bounded.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def flat_peak_memory() -> Iterator[None]:
 
     Fixing the threshold also stops glibc from raising it (up to 32 MiB) after large frees. Every
     such allocation then starts on fresh pages the kernel must zero, which makes tensor-heavy work
-    slower: a price paid only where a flat peak is the point. glibc
-    has no call that restores its dynamic threshold, so on exit the threshold is set to where the
-    dynamic one ends up in a long run, its 32 MiB ceiling.
+    slower: a price paid only where a flat peak is the point. glibc has no call that restores its
+    dynamic threshold, so on exit the threshold is set to where the dynamic one ends up in a long
+    run, its 32 MiB ceiling.
     """
     _set_mmap_threshold(LARGE_ALLOCATION_BYTES)
     # oneDNN, which runs torch's bfloat16 matmuls on a CPU, keeps a primitive per matmul shape (1024 by

@@ -4,8 +4,9 @@ Each caller says what a step's loss is (``loss_at(step)``, so batches can be a p
 the step and a resumed run sees the batches an uninterrupted one would), which optimizer moves
 which parameters, and for how long (a :class:`Budget` of steps or seconds); :func:`frozen_except`
 makes sure that nothing else is trained and that the model comes back as it was. Every loop can
-run its forward in bfloat16 (``precision``, see :func:`optimum_rom.precision.compute_dtype`): torch's autocast, so the
-weights, the gradients and the optimizer's state stay float32 (mixed-precision training).
+run its forward in bfloat16 (``precision``, see :func:`optimum_rom.precision.compute_dtype`):
+torch's autocast, so the weights, the gradients and the optimizer's state stay float32
+(mixed-precision training).
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def train(
     """Step ``optimizer`` on ``loss_at(step)`` for steps ``first_step, first_step + 1, ...`` until the
     budget is spent; gradients are clipped to norm ``clip`` if given. Returns the losses.
 
-    ``precision``: what ``loss_at`` runs in (see :func:`optimum_rom.precision.compute_dtype`); the backward follows it.
+    ``precision``: what ``loss_at`` runs in (see :func:`optimum_rom.precision.compute_dtype`); the
+    backward follows it.
 
     ``after_step(step, loss)`` is called after each step (progress bars, logs).
     """

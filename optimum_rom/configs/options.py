@@ -28,6 +28,9 @@ class Option:
         return f"--no-{name}" if self.default is True else f"--{name}"
 
 
+# What a precision option may name (see optimum_rom.precision): training steps and calibration walks alike.
+PRECISIONS = ("auto", "float32", "bfloat16")
+
 # Basis Selection trains on whole prompt/answer examples, so its shape defaults differ from ROM's windows.
 BASIS_SELECTION_SHAPE = {"num_samples": 1024, "seq_len": 256}
 
@@ -59,7 +62,7 @@ COMMON = (
         "what training steps (refinement, healing, basis-selection) multiply in: bfloat16 (autocast; "
         "weights, gradients and optimizer stay float32), float32, or auto = bfloat16 where the CPU or GPU "
         "has native bfloat16 arithmetic",
-        choices=("auto", "float32", "bfloat16"),
+        choices=PRECISIONS,
     ),
     Option(
         "target_modules", None, "linear names to factorize (default: every linear in the blocks)", many=True
@@ -107,7 +110,7 @@ ROM = (
         "rom: what the calibration walks' block forwards (statistics, damage measuring, the next block's "
         "inputs) multiply in: float32, bfloat16 (autocast; statistics still summed in float32/float64, "
         "hidden states kept float32), or auto = bfloat16 where the CPU or GPU has native bfloat16 arithmetic",
-        choices=("auto", "float32", "bfloat16"),
+        choices=PRECISIONS,
     ),
     Option("refine_epochs", 0, "rom: epochs of block-output refinement after each block's fits"),
     Option("refine_lr", 1e-4, "rom: learning rate of block refinement (Adam)"),

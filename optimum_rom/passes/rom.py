@@ -73,9 +73,9 @@ def plan_rom(
             progress,
             weights,
             scratch,
-            config.scoring,
-            covariances,
-            config.calibration_precision,
+            scoring=config.scoring,
+            covariances=covariances,
+            precision=config.calibration_precision,
         )
         plan = plan_by_damage(
             sites, count_parameters(model), model_ratio(config, model), config.center, damage
