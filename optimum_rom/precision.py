@@ -36,3 +36,9 @@ def autocast(dtype: torch.dtype | None, device: torch.device) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def exact(device: torch.device) -> contextlib.AbstractContextManager:
+    """Suspend an enclosing autocast: for sums computed inside a bfloat16 forward (the statistics'
+    hooks) whose products must stay float32, as autocast would otherwise round every matmul."""
+    return torch.autocast(device.type, enabled=False)

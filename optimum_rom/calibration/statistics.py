@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..linalg import left_singular_pairs, symmetric, top_eigenvectors, top_left_singular_vectors
+from ..precision import exact
 from .walker import BlockStep, StopForward
 
 
@@ -36,13 +37,18 @@ class Moments:
         self.gram = torch.zeros(dim, dim, dtype=torch.float64)
 
     def update(self, features: torch.Tensor) -> torch.Tensor:
-        """Add a chunk of features; returns the chunk as shifted rows (float32)."""
-        rows = features.detach().reshape(-1, self.dim).float()
+        """Add a chunk of features; returns the chunk as shifted rows (float32).
+
+        A chunk's sums are float32 (a chunk is thousands of rows, not millions) and are folded
+        into the float64 totals: torch's float64-accumulating sum of float32 rows is a slow loop.
+        """
+        rows = features.detach().reshape(-1, self.dim)
         if self.shift is None:
-            self.shift = rows.mean(0)
-        centred = rows - self.shift
-        self.sum += centred.sum(0, dtype=torch.float64)
-        self.gram += (centred.T @ centred).double()
+            self.shift = rows.float().mean(0)
+        centred = rows - self.shift  # float32 whatever the features' dtype: one pass, no copy before
+        self.sum += centred.sum(0).double()
+        with exact(rows.device):  # the hooks run inside the walk's autocast, if it has one
+            _add_upper_gram(self.gram, centred)
         self.count += rows.shape[0]
         return centred
 
@@ -53,12 +59,32 @@ class Moments:
     def covariance(self) -> torch.Tensor:
         """Mean-centred covariance (divided by the token count)."""
         offset = self.sum / self.count
-        return self.gram / self.count - torch.outer(offset, offset)
+        gram = self.gram.triu() + self.gram.triu(1).T  # only the upper triangle is accumulated
+        return gram / self.count - torch.outer(offset, offset)
 
     def second_moment(self) -> torch.Tensor:
         """Uncentred ``E[x x^T]``."""
         mean = self.mean
         return self.covariance() + torch.outer(mean, mean)
+
+
+GRAM_PARTS = 4
+GRAM_PART_MIN_WIDTH = 128
+
+
+def _add_upper_gram(total: torch.Tensor, rows: torch.Tensor) -> None:
+    """Add the upper block triangle of ``rows^T rows`` (float32 products) to the float64 ``total``.
+
+    A Gram matrix is symmetric, but torch exposes no symmetric rank-k update (BLAS syrk): the
+    features are cut into column bands and each band is multiplied with itself and the bands
+    after it, about 5/8 of the full product's arithmetic with four bands, in matmuls still large
+    enough to run at full speed. The blocks below the diagonal stay zero (see ``covariance``).
+    """
+    width = rows.shape[1]
+    parts = max(1, min(GRAM_PARTS, width // GRAM_PART_MIN_WIDTH))
+    edges = [width * i // parts for i in range(parts + 1)]
+    for start, end in zip(edges, edges[1:], strict=False):
+        total[start:end, start:] += (rows[:, start:end].T @ rows[:, start:]).double()
 
 
 class CrossMoments(Moments):
@@ -80,8 +106,9 @@ class CrossMoments(Moments):
         if self.paired_shift is None:
             self.paired_shift = others.mean(0)
         others = others - self.paired_shift
-        self.paired_sum += others.sum(0, dtype=torch.float64)
-        self.cross += (rows.T @ others).double()
+        self.paired_sum += others.sum(0).double()
+        with exact(rows.device):
+            self.cross += (rows.T @ others).double()
 
     @property
     def paired_mean(self) -> torch.Tensor:
