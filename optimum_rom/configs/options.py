@@ -106,7 +106,7 @@ ROM = (
     ),
     Option(
         "calibration_precision",
-        "float32",
+        "auto",
         "rom: what the calibration walks' block forwards (statistics, damage measuring, the next block's "
         "inputs) multiply in: float32, bfloat16 (autocast; statistics still summed in float32/float64, "
         "hidden states kept float32), or auto = bfloat16 where the CPU or GPU has native bfloat16 arithmetic",

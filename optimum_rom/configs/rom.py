@@ -67,9 +67,11 @@ class RomConfig(LowRankConfig):
         calibration_precision: what the calibration walks' block forwards multiply in (the
             dense statistics pass, the measuring walk of ``"adaptive"``, the compressed block's pass
             that makes the next block's inputs): ``"float32"``, ``"bfloat16"`` (autocast) or
-            ``"auto"`` (bfloat16 where it is native; see ``training_precision``). The features are
-            then rounded to bfloat16's 8 bits before they are summed in float32/float64; the hidden
-            states between blocks, the gradient walk and the factorizations stay float32/float64.
+            ``"auto"`` (default: bfloat16 where it is native; see ``training_precision``). The
+            features are then rounded to bfloat16's 8 bits before they are summed in float32/float64;
+            the hidden states between blocks, the gradient walk and the factorizations stay
+            float32/float64. Measured on SmolLM2 it leaves perplexity and the chat where float32
+            has them (README, "Calibration walks in bfloat16").
         refine_epochs: after the per-linear fits, epochs of Adam on each whole block's output
             (0 = off), towards the dense block's outputs.
         refine_lr: refinement's (peak) learning rate.
