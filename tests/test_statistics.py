@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from optimum_rom.calibration import Moments
-from optimum_rom.calibration.statistics import CrossMoments
+from optimum_rom.calibration import Moments, collect_block_statistics, walk_blocks
+
+from .conftest import tiny_model
 
 
 def wide_features(n=3000, dim=600, seed=0):
@@ -31,14 +32,31 @@ def test_moments_streamed_in_chunks_match_the_float64_covariance(dtype):
     torch.testing.assert_close(moments.mean, x.double().mean(0), rtol=0, atol=1e-5)
 
 
-def test_statistics_taken_inside_a_bfloat16_forward_keep_float32_products():
-    """The walk's hooks run under the block's autocast; its bfloat16 rounding must not reach the sums."""
-    x = wide_features().bfloat16()  # what a bfloat16 walk hands over: exactly representable
-    inside = CrossMoments(x.shape[1])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        for chunk, paired in zip(x.split(700), (2 * x).split(700), strict=True):
-            inside.update_pair(chunk, paired)
-    expected = reference_covariance(x)
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(inside.covariance(), expected, rtol=0, atol=1e-5 * scale)
-    torch.testing.assert_close(inside.cross_covariance(), 2 * expected, rtol=0, atol=2e-5 * scale)
+@pytest.mark.parametrize("paired", [False, True])
+def test_statistics_of_a_bfloat16_walk_keep_float32_products(paired):
+    """The statistics' hooks run inside the block's autocast; its bfloat16 rounding must not reach
+    the sums: each group's covariance is the float64 one of the features its hook was handed."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 500, (16, 32), generator=torch.Generator().manual_seed(0))
+    step = next(iter(walk_blocks(model, ids, progress=False, precision="bfloat16", reference=paired)))
+    linears = {name: step.block.get_submodule(name) for name in ("self_attn.q_proj", "mlp.down_proj")}
+    seen = {name: [] for name in linears}  # q_proj is measured on its input, down_proj on its output
+    handles = [
+        linears["self_attn.q_proj"].register_forward_pre_hook(
+            lambda m, i: seen["self_attn.q_proj"].append(i[0])
+        ),
+        linears["mlp.down_proj"].register_forward_hook(lambda m, i, o: seen["mlp.down_proj"].append(o)),
+    ]
+    stats = collect_block_statistics(step, linears, paired=paired)
+    for handle in handles:
+        handle.remove()
+    for name, features in seen.items():
+        if paired and name == "mlp.down_proj":
+            continue  # paired statistics are of inputs only
+        measured = features[1:]  # the first is the one-sequence probe that finds the shared inputs
+        expected = reference_covariance(torch.cat([f.reshape(-1, f.shape[-1]) for f in measured]))
+        scale = expected.abs().max().item()
+        moments = stats[name].moments
+        torch.testing.assert_close(moments.covariance(), expected, rtol=0, atol=1e-5 * scale)
+        if paired:  # the dense model's stream is the same one here: the cross-covariance is the covariance
+            torch.testing.assert_close(moments.cross_covariance(), expected, rtol=0, atol=1e-5 * scale)

@@ -47,8 +47,7 @@ class Moments:
             self.shift = rows.float().mean(0)
         centred = rows - self.shift  # float32 whatever the features' dtype: one pass, no copy before
         self.sum += centred.sum(0).double()
-        with exact(rows.device):  # the hooks run inside the walk's autocast, if it has one
-            _add_upper_gram(self.gram, centred)
+        _add_upper_gram(self.gram, centred)
         self.count += rows.shape[0]
         return centred
 
@@ -107,8 +106,7 @@ class CrossMoments(Moments):
             self.paired_shift = others.mean(0)
         others = others - self.paired_shift
         self.paired_sum += others.sum(0).double()
-        with exact(rows.device):
-            self.cross += (rows.T @ others).double()
+        self.cross += (rows.T @ others).double()
 
     @property
     def paired_mean(self) -> torch.Tensor:
@@ -255,7 +253,8 @@ def _run_until_measured(
 
     def make_hook(index: int, output_site: bool):
         def receive(value: torch.Tensor) -> None:
-            receivers[index](value)
+            with exact(value.device):  # the block's autocast would round the statistics' products
+                receivers[index](value)
             if index == last:  # nothing after this is needed: skip the rest of the block
                 raise StopForward
 
