@@ -3,7 +3,7 @@
 Freed tensors go back to the C heap, and glibc hands heap memory back to the OS only from its
 top: blocks and their activations of many sizes, freed in any order, leave a heap as large as
 the most ever in use plus fragmentation. A streamed run's peak memory is the point of streaming,
-so large allocations are made to bypass the heap there (glibc only; elsewhere both are no-ops),
+so large allocations are made to bypass the heap there (glibc only; elsewhere these are no-ops),
 and oneDNN's cache of bfloat16 matmul primitives is bounded.
 """
 
@@ -17,7 +17,9 @@ from pathlib import Path
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 LARGE_ALLOCATION_BYTES = 2**20
-HEAP_ALLOCATION_BYTES = 32 * 2**20  # glibc's ceiling for its dynamic threshold (64-bit)
+# glibc's ceiling for its dynamic threshold (64-bit), above a walk's chunk of activations
+# (calibration.walker.CHUNK_ACTIVATION_BYTES)
+HEAP_ALLOCATION_BYTES = 32 * 2**20
 ONEDNN_CACHE_CAPACITY = "64"
 
 
@@ -33,17 +35,20 @@ def return_freed_memory() -> None:
 
 
 @contextlib.contextmanager
-def flat_peak_memory() -> Iterator[None]:
-    """Serve every allocation of 1 MiB or more with its own memory map, returned when freed, and
-    bound oneDNN's cache of matmul primitives.
+def flat_peak_memory(trains: bool = False) -> Iterator[None]:
+    """Serve large allocations with their own memory maps, returned when freed, and bound oneDNN's
+    cache of matmul primitives.
 
-    Fixing the threshold also stops glibc from raising it (up to 32 MiB) after large frees. Every
-    such allocation then starts on fresh pages the kernel must zero, which makes tensor-heavy work
-    slower: a price paid only where a flat peak is the point. glibc has no call that restores its
-    dynamic threshold, so on exit the threshold is set to where the dynamic one ends up in a long
-    run, its 32 MiB ceiling.
+    Mapped memory starts on fresh pages the kernel must zero, a price paid per allocation. A run
+    that only walks (no training steps) maps what is larger than a walk's chunk of activations
+    (hidden-state streams, large weights): a block's forward over one chunk after another then
+    reuses the same heap memory. A run that ``trains`` (block refinement) maps everything from
+    1 MiB: autograd's activations of many sizes left on the heap raise its peak. Fixing the
+    threshold also stops glibc from raising it after large frees; glibc has no call that restores
+    its dynamic threshold, so on exit it is set to where the dynamic one ends up in a long run,
+    its 32 MiB ceiling.
     """
-    _set_mmap_threshold(LARGE_ALLOCATION_BYTES)
+    _set_mmap_threshold(LARGE_ALLOCATION_BYTES if trains else HEAP_ALLOCATION_BYTES)
     # oneDNN, which runs torch's bfloat16 matmuls on a CPU, keeps a primitive per matmul shape (1024 by
     # default), and with adaptive ranks nearly every linear has shapes of its own: bounded, the cache
     # still holds a block's. oneDNN reads this when it makes its first primitive, for the whole

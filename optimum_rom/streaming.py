@@ -186,7 +186,7 @@ def compress_streaming(
     fingerprint = plan_fingerprint(source, config, data, plan.ranks)
     specs = output_specs(source, config, plan)
     with (
-        flat_peak_memory(),
+        flat_peak_memory(trains=getattr(config, "refine_epochs", 0) > 0),
         PartialOutput(save_dir, overwrite, fingerprint, resumable=True) as partial,
     ):
         writer = SafetensorsWriter(partial.path / "model.safetensors", specs, weights_metadata())
