@@ -30,7 +30,7 @@ from .integrations.peft import merge_adapters
 from .layers import FactorizedLinear
 from .structure import find_blocks
 from .task_data import answer_nll, collate
-from .training import Budget, batch_indices, frozen_except, train
+from .training import Budget, adam, batch_indices, frozen_except, train
 
 
 @dataclass
@@ -129,7 +129,7 @@ def heal(
     with frozen_except(model, train=True, gradient_checkpointing=spec.gradient_checkpointing), bar:
         peft_model = get_peft_model(model, lora)
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=0.0)
+        optimizer = adam(trainable, lr=spec.learning_rate)
         losses = train(
             optimizer,
             lambda step: loss(peft_model, step),

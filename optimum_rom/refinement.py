@@ -24,7 +24,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .calibration.walker import BlockStep, call_block
 from .layers import FactorizedLinear
-from .training import Budget, frozen_except, train
+from .training import Budget, adam, frozen_except, train
 
 
 def refine_block(
@@ -67,7 +67,7 @@ def refine_block(
             return F.mse_loss(outputs, targets[validation]).item() / scale
 
     best_error, best_state = validation_error(), _snapshot(parameters)
-    optimizer = torch.optim.Adam(parameters, lr=lr)
+    optimizer = adam(parameters, lr=lr)
     per_epoch = -(-len(train_rows) // batch)
     clip, after_step = None, None
     if schedule == "cosine":

@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...task_data import answer_nll, collate
-from ...training import Budget, batch_indices, train
+from ...training import Budget, adam, batch_indices, train
 
 MAX_GRAD_NORM = 1.0
 
@@ -29,7 +29,7 @@ def train_steps(
     status: dict[str, str] | None = None,
     precision: str = "float32",
 ) -> float:
-    """``steps`` AdamW steps (a fresh optimizer: the trainable tensors change shape between rounds).
+    """``steps`` Adam steps (a fresh optimizer: the trainable tensors change shape between rounds).
 
     Returns the mean loss of the steps.
     """
@@ -43,7 +43,7 @@ def train_steps(
         bar.set_postfix({**(status or {}), "loss": f"{loss:.3f}"}, refresh=False)
         bar.update(1)
 
-    optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
+    optimizer = adam(param_groups)
     losses = train(
         optimizer,
         loss_at,
