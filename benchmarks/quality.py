@@ -97,6 +97,9 @@ METHODS: dict[str, Method] = {
     "rom-auto-calibration-bfloat16": Method(_auto(calibration_precision="bfloat16")),
     "rom-uniform-calibration-bfloat16": Method(_uniform(calibration_precision="bfloat16")),
     "rom-auto-mix50-calibration-bfloat16": Method(_auto(calibration_precision="bfloat16"), _chat(0.5)),
+    # each linear's basis and spectrum in float64 instead of the default float32
+    "rom-uniform-factorization-float64": Method(_uniform(factorization_precision="float64")),
+    "rom-auto-mix50-factorization-float64": Method(_auto(factorization_precision="float64"), _chat(0.5)),
     "rom-auto-chat": Method(_auto(), _chat(0.0)),
     "rom-auto-chat-heal15": Method(_auto(15), _chat(0.0)),
     "rom-auto-chat-sampled": Method(_auto(), _chat(0.0, sample=True)),

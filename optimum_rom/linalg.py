@@ -1,4 +1,5 @@
-"""The eigen- and singular-vector computations the passes share, in float64.
+"""The eigen- and singular-vector computations the passes share, in the dtype they are handed
+(float64, or float32 where the statistics say so: see ``LinearStatistics.dtype``).
 
 Kept apart from the passes so that ROM, the sensitivity pass and Basis Selection derive their
 bases the same way from the same statistics (see ``LinearStatistics``).
@@ -7,6 +8,10 @@ bases the same way from the same statistics (see ``LinearStatistics``).
 from __future__ import annotations
 
 import torch
+
+# Below this share of the largest eigenvalue, a Gram matrix's eigenvalue is rounding: its absolute
+# error is a few machine epsilons of the largest one, times a factor that grows with the width.
+NEGLIGIBLE = {torch.float64: 1e-10, torch.float32: 1e-6}
 
 
 def symmetric(matrix: torch.Tensor) -> torch.Tensor:
@@ -50,7 +55,9 @@ def top_left_singular_vectors(
     if not tall:
         return vectors[:, :rank]
     values, vectors = values[:rank], vectors[:, :rank]
-    if values[-1] <= 1e-10 * values[0]:  # rank-deficient: the SVD keeps the basis orthonormal
+    if (
+        values[-1] <= NEGLIGIBLE[values.dtype] * values[0]
+    ):  # rank-deficient: the SVD keeps the basis orthonormal
         product = matrix if right is None else matrix @ right
         return torch.linalg.svd(product, full_matrices=False)[0][:, :rank]
     scaled = vectors / values.sqrt()
@@ -69,7 +76,7 @@ def left_singular_pairs(
     values = values.clamp(min=0)
     if not tall:
         return values, vectors
-    live = values > 1e-10 * values[0]
+    live = values > NEGLIGIBLE[values.dtype] * values[0]
     scaled = torch.where(live, vectors / values.sqrt().clamp(min=torch.finfo(values.dtype).tiny), 0.0)
     return values, matrix @ (scaled if right is None else right @ scaled)
 

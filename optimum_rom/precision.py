@@ -42,3 +42,12 @@ def exact(device: torch.device) -> contextlib.AbstractContextManager:
     """Suspend an enclosing autocast: for sums computed inside a bfloat16 forward (the statistics'
     hooks) whose products must stay float32, as autocast would otherwise round every matmul."""
     return torch.autocast(device.type, enabled=False)
+
+
+FACTORIZATION_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def factorization_dtype(precision: str) -> torch.dtype:
+    """What a ``factorization_precision`` name computes the bases and spectra in (see
+    ``LinearStatistics``); there is no "auto": float32 is faster everywhere."""
+    return FACTORIZATION_DTYPES[precision]

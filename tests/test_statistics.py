@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from optimum_rom.calibration import Moments, collect_block_statistics, walk_blocks
+from optimum_rom.calibration.statistics import LinearStatistics
 
 from .conftest import tiny_model
 
@@ -60,3 +61,47 @@ def test_statistics_of_a_bfloat16_walk_keep_float32_products(paired):
         torch.testing.assert_close(moments.covariance(), expected, rtol=0, atol=1e-5 * scale)
         if paired:  # the dense model's stream is the same one here: the cross-covariance is the covariance
             torch.testing.assert_close(moments.cross_covariance(), expected, rtol=0, atol=1e-5 * scale)
+
+
+def decaying_features(n=4000, dim=300, seed=0):
+    """Variances spanning six decades, and three channels with a huge mean, as LLM hidden states have."""
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))[0]
+    scales = torch.logspace(0, -3, dim, dtype=torch.float64)
+    x = (torch.randn(n, dim, generator=generator, dtype=torch.float64) * scales) @ basis.T
+    x[:, :3] += 200.0
+    return x.float()
+
+
+@pytest.mark.parametrize("site", ["input", "output"])
+@pytest.mark.parametrize("out_features", [120, 900])  # F = W L wide (q/k/v-like) and tall (gate/up-like)
+@pytest.mark.parametrize("center", [True, False])
+def test_float32_factorizations_truncate_as_well_as_float64(site, out_features, center):
+    """A basis computed in float32 from the float64 sums leaves the truncation error the float64
+    basis leaves, and the spectrum's tails (what the damage curves sum) agree."""
+    x = decaying_features()
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(out_features, x.shape[1], generator=generator) / x.shape[1] ** 0.5
+    outputs = x.double() @ weight.double().T
+    moments = Moments(x.shape[1] if site == "input" else out_features)
+    for chunk in (x if site == "input" else outputs.float()).split(1000):
+        moments.update(chunk)
+    exact, fast = (LinearStatistics(site, moments, dtype) for dtype in (torch.float64, torch.float32))
+    measured = outputs - outputs.mean(0) if center else outputs
+
+    def truncation_error(basis: torch.Tensor) -> float:
+        basis = basis.double()
+        return (measured - measured @ basis @ basis.T).square().sum().item()
+
+    total = truncation_error(torch.zeros(out_features, 0))
+    for share in (0.05, 0.5, 0.9):
+        rank = int(share * min(out_features, x.shape[1]))
+        best = truncation_error(exact.principal_output_basis(weight, rank, center))
+        # float32 resolves the spectrum to about its epsilon of the whole
+        excess = truncation_error(fast.principal_output_basis(weight, rank, center)) - best
+        assert excess <= 1e-3 * best + 1e-7 * total
+    exact_tail, fast_tail = (
+        spectrum.flip(0).cumsum(0).flip(0)
+        for spectrum in (exact.output_spectrum(weight, center), fast.output_spectrum(weight, center))
+    )
+    torch.testing.assert_close(fast_tail, exact_tail, rtol=1e-3, atol=1e-5 * exact_tail[0].item())

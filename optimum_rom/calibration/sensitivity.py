@@ -48,6 +48,7 @@ def measure_damage(
     scoring: str = "matrix",
     covariances: Path | None = None,
     precision: str = "float32",
+    dtype: torch.dtype = torch.float64,
 ) -> dict[str, torch.Tensor]:
     """``damage[name][r]``: estimated loss increase of keeping rank ``r`` of that linear (float64).
 
@@ -60,6 +61,7 @@ def measure_damage(
     With ``covariances`` (a directory), the gradient covariances at every linear's output are kept
     there too, for a Fisher-metric factorization (``RomConfig(metric="fisher")``). ``precision``:
     of the forward walk's block forwards (see optimum_rom.precision); the backward is float32.
+    ``dtype``: what the spectra are computed in (see ``LinearStatistics``).
     """
     by_block: dict[int, list[str]] = {}
     for site in sites:
@@ -86,7 +88,7 @@ def measure_damage(
         ):
             linears = {name: model.get_submodule(name) for name in by_block.get(step.index, [])}
             step.outputs = torch.empty_like(step.inputs)  # the block stays dense: one forward serves both
-            statistics = collect_block_statistics(step, linears, outputs=step.outputs)
+            statistics = collect_block_statistics(step, linears, outputs=step.outputs, dtype=dtype)
             bases = {}
             for name, linear in linears.items():
                 if per_direction:

@@ -120,18 +120,32 @@ class CrossMoments(Moments):
 @dataclass
 class LinearStatistics:
     """Statistics measured for one linear: of its input ``x``, of its bias-free output ``W x``, or
-    (``"paired"``) of its input in the compressed model together with its input in the dense one."""
+    (``"paired"``) of its input in the compressed model together with its input in the dense one.
+
+    ``dtype``: what the bases and spectra of centred input-side statistics are computed in. The
+    sums are float64 whatever it is, and so is the input Cholesky factor (an ill-conditioned input
+    covariance needs it); with float32, the products with the weight and the eigendecompositions,
+    most of the arithmetic, are float32 (see ``RomConfig.factorization_precision``). The rest stay
+    float64, where float32 does not resolve the spectrum at the cut: an uncentred second moment
+    carries the mean's square, which can dwarf the variances, and an output-side covariance is of
+    a down projection's outputs, where LLMs make their massive activations.
+    """
 
     site: Literal["input", "output", "paired"]
     moments: Moments
+    dtype: torch.dtype = torch.float64
     _roots: dict[bool, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def second_moment(self, center: bool) -> torch.Tensor:
         """Covariance (``center``) or uncentred second moment of what was measured (float64)."""
         return self.moments.covariance() if center else self.moments.second_moment()
 
+    def _dtype(self, center: bool) -> torch.dtype:
+        return self.dtype if center and self.site == "input" else torch.float64
+
     def input_root(self, center: bool) -> torch.Tensor:
-        """``L`` with ``L L^T`` = the input's second moment; computed once for all linears sharing it.
+        """``L`` (float32 or float64: see the class) with ``L L^T`` = the input's second moment; computed once for all
+        linears sharing it.
 
         Any such ``L`` gives the same ``F F^T = W C W^T``: the Cholesky factor is an order of
         magnitude cheaper than the eigendecomposition, which remains for a singular covariance
@@ -143,25 +157,28 @@ class LinearStatistics:
             if info.item() != 0:
                 values, vectors = torch.linalg.eigh(second)
                 lower = vectors * values.clamp(min=0).sqrt()
-            self._roots[center] = lower
+            self._roots[center] = lower.to(self._dtype(center))
         return self._roots[center]
 
     def principal_output_basis(
         self, weight: torch.Tensor, rank: int, center: bool, root: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Top-``rank`` eigenvectors (out x rank, float64) of the covariance of ``W x`` (of ``R^T W x``
-        with a metric's ``root`` ``R``).
+        """Top-``rank`` eigenvectors (out x rank, float32 or float64: see the class) of the covariance of ``W x`` (of
+        ``R^T W x`` with a metric's ``root`` ``R``).
 
         ``Cov(W x) = F F^T`` with ``F = W L`` and ``Cov(x) = L L^T``, so they are the top left
         singular vectors of the thin ``F``; an output-side measurement gives the covariance directly.
         """
+        dtype = self._dtype(center)
+        weight = weight.to(dtype)
         if self.site == "output":
-            covariance = self.second_moment(center)
+            covariance = self.second_moment(center).to(dtype)
             if root is not None:
+                root = root.to(dtype)
                 covariance = root.T @ covariance @ root
             return top_eigenvectors(covariance, rank)
         if root is not None:
-            weight = root.T @ weight
+            weight = root.to(dtype).T @ weight
         return top_left_singular_vectors(weight, rank, right=self.input_root(center))
 
     def output_spectrum(self, weight: torch.Tensor, center: bool) -> torch.Tensor:
@@ -171,19 +188,22 @@ class LinearStatistics:
         of ``F = W L`` (``L L^T = C``): the same nonzero eigenvalues.
         """
         if self.site == "output":
-            covariance = self.second_moment(center)
+            covariance = self.second_moment(center).to(self._dtype(center))
         else:
-            product = weight.double() @ self.input_root(center)
+            product = weight.to(self._dtype(center)) @ self.input_root(center)
             tall = product.shape[0] > product.shape[1]
             covariance = product.T @ product if tall else product @ product.T
-        return torch.linalg.eigvalsh(symmetric(covariance)).flip(0).clamp(min=0)
+        return torch.linalg.eigvalsh(symmetric(covariance)).flip(0).clamp(min=0).double()
 
     def output_eigenpairs(self, weight: torch.Tensor, center: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The spectrum above with its eigenvectors (out x k, float64): the directions ROM keeps or drops."""
+        """The spectrum above (float64) with its eigenvectors (out x k, float32 or float64): the
+        directions ROM keeps or drops."""
         if self.site == "output":
-            values, vectors = torch.linalg.eigh(symmetric(self.second_moment(center)))
-            return values.flip(0).clamp(min=0), vectors.flip(-1)
-        return left_singular_pairs(weight.double(), right=self.input_root(center))
+            covariance = symmetric(self.second_moment(center).to(self._dtype(center)))
+            values, vectors = torch.linalg.eigh(covariance)
+            return values.flip(0).clamp(min=0).double(), vectors.flip(-1)
+        values, vectors = left_singular_pairs(weight.to(self._dtype(center)), right=self.input_root(center))
+        return values.double(), vectors
 
     def output_mean(self, weight: torch.Tensor) -> torch.Tensor:
         """Mean of ``W x`` (float64)."""
@@ -193,7 +213,11 @@ class LinearStatistics:
 
 
 def collect_block_statistics(
-    step: BlockStep, linears: dict[str, nn.Linear], paired: bool = False, outputs: torch.Tensor | None = None
+    step: BlockStep,
+    linears: dict[str, nn.Linear],
+    paired: bool = False,
+    outputs: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> dict[str, LinearStatistics]:
     """Statistics of every given linear, from one pass of ``step``'s block over its inputs.
 
@@ -205,6 +229,7 @@ def collect_block_statistics(
     runs the block on the dense model's hidden states and pairs every input with its dense twin.
     With ``outputs``, the passes run to the block's end and its outputs are written there: the
     forward a caller would otherwise run again (for refinement targets, or the next block's inputs).
+    ``dtype``: what the statistics' bases and spectra are computed in (see :class:`LinearStatistics`).
     """
     groups = shared_input_groups(step, linears)
     stats: dict[str, LinearStatistics] = {}
@@ -212,11 +237,11 @@ def collect_block_statistics(
     for group in groups:
         leader = linears[group[0]]
         if paired:
-            measured = LinearStatistics("paired", CrossMoments(leader.in_features))
+            measured = LinearStatistics("paired", CrossMoments(leader.in_features), dtype)
         elif len(group) > 1 or leader.in_features <= leader.out_features:
-            measured = LinearStatistics("input", Moments(leader.in_features))
+            measured = LinearStatistics("input", Moments(leader.in_features), dtype)
         else:
-            measured = LinearStatistics("output", Moments(leader.out_features))
+            measured = LinearStatistics("output", Moments(leader.out_features), dtype)
         stats.update({name: measured for name in group})
         leaders.append((leader, measured))
 

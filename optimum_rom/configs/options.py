@@ -112,6 +112,13 @@ ROM = (
         "hidden states kept float32), or auto = bfloat16 where the CPU or GPU has native bfloat16 arithmetic",
         choices=PRECISIONS,
     ),
+    Option(
+        "factorization_precision",
+        "float32",
+        "rom: what each linear's basis and spectrum are computed in from the float64 sums: float32 "
+        "(faster) or float64",
+        choices=("float32", "float64"),
+    ),
     Option("refine_epochs", 0, "rom: epochs of block-output refinement after each block's fits"),
     Option("refine_lr", 1e-4, "rom: learning rate of block refinement (Adam)"),
     Option(

@@ -72,6 +72,10 @@ class RomConfig(LowRankConfig):
             the hidden states between blocks, the gradient walk and the factorizations stay
             float32/float64. Measured on SmolLM2 it leaves perplexity and the chat where float32
             has them (README, "Calibration walks in bfloat16").
+        factorization_precision: what each linear's basis and spectrum are computed in from its
+            float64 sums: ``"float32"`` (default) or ``"float64"``. The products with the weight
+            and the eigendecompositions are most of a factorization's arithmetic and run
+            faster in float32; the input's Cholesky factor stays float64.
         refine_epochs: after the per-linear fits, epochs of Adam on each whole block's output
             (0 = off), towards the dense block's outputs.
         refine_lr: refinement's (peak) learning rate.
@@ -96,6 +100,7 @@ class RomConfig(LowRankConfig):
     center: bool = True
     target: str = default("target")
     calibration_precision: str = default("calibration_precision")
+    factorization_precision: str = default("factorization_precision")
     refine_epochs: int = default("refine_epochs")
     refine_lr: float = default("refine_lr")
     refine_schedule: str = default("refine_schedule")
@@ -117,7 +122,14 @@ class RomConfig(LowRankConfig):
             raise ValueError(f"refine_epochs must be a non-negative integer, got {self.refine_epochs!r}")
         if not isinstance(self.refine_lr, (int, float)) or not self.refine_lr > 0:
             raise ValueError(f"refine_lr must be a positive number, got {self.refine_lr!r}")
-        for field in ("scoring", "metric", "calibration_precision", "refine_schedule", "refine_params"):
+        for field in (
+            "scoring",
+            "metric",
+            "calibration_precision",
+            "factorization_precision",
+            "refine_schedule",
+            "refine_params",
+        ):
             if getattr(self, field) not in choices(field):
                 raise ValueError(f"{field} must be one of {choices(field)}, got {getattr(self, field)!r}")
         if self.metric == "fisher" and self.allocation != "adaptive":

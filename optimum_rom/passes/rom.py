@@ -33,6 +33,7 @@ from ..calibration.walker import BlockStep, BlockStream, WeightSource, walk_bloc
 from ..configs import RomConfig
 from ..layers import FactorizedLinear
 from ..linalg import fisher_root, top_left_singular_vectors
+from ..precision import factorization_dtype
 from ..refinement import refine_block
 from ..structure import count_parameters, find_linear_sites, set_module
 from .base import CompressionPass
@@ -76,6 +77,7 @@ def plan_rom(
             scoring=config.scoring,
             covariances=covariances,
             precision=config.calibration_precision,
+            dtype=factorization_dtype(config.factorization_precision),
         )
         plan = plan_by_damage(
             sites, count_parameters(model), model_ratio(config, model), config.center, damage
@@ -156,7 +158,13 @@ def _compress_block(
         targets = step.reference_outputs if reference else torch.empty_like(step.inputs)
     # the statistics' forward runs on to the block's end when its outputs are the targets
     outputs = targets if targets is not None and not reference else None
-    stats = collect_block_statistics(step, linears, paired=reference, outputs=outputs)
+    stats = collect_block_statistics(
+        step,
+        linears,
+        paired=reference,
+        outputs=outputs,
+        dtype=factorization_dtype(config.factorization_precision),
+    )
     for name, rank in ranks.items():  # popped: each dense weight and group's statistics go once used
         factorized = rom_factorize(
             linears.pop(name), stats.pop(name), rank, config.center, root=metrics.get(name)
@@ -202,21 +210,23 @@ def rom_factorize(
     (error-correcting targets) the factorization instead fits the dense model's outputs ``W z + b``
     from the compressed model's inputs ``x`` (see corrected_factors).
     """
-    weight = linear.weight.detach().double()
+    weight = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach().double()
     if stats.site == "paired":
-        down, up, bias = corrected_factors(weight, bias, stats.moments, rank, ridge)
+        down, up, bias = corrected_factors(weight.double(), bias, stats.moments, rank, ridge)
     else:
         basis = stats.principal_output_basis(weight, rank, center, root)
+        weight = weight.to(basis.dtype)  # the factors' arithmetic (see LinearStatistics); the bias float64
         # the projection is up @ reads^T: V V^T, or R^-T V V^T R^T in the metric
         if root is None:
             reads = up = basis
         else:
+            root = root.to(basis.dtype)
             reads, up = root @ basis, torch.linalg.solve_triangular(root.T, basis, upper=True)
         down = reads.T @ weight
         if center:
             mean = stats.output_mean(weight)
-            correction = mean - up @ (reads.T @ mean)
+            correction = mean - up.double() @ (reads.T.double() @ mean)
             bias = correction if bias is None else bias + correction
     dtype = linear.weight.dtype
     return FactorizedLinear.from_factors(
