@@ -55,9 +55,8 @@ def top_left_singular_vectors(
     if not tall:
         return vectors[:, :rank]
     values, vectors = values[:rank], vectors[:, :rank]
-    if (
-        values[-1] <= NEGLIGIBLE[values.dtype] * values[0]
-    ):  # rank-deficient: the SVD keeps the basis orthonormal
+    # rank-deficient: the SVD keeps the basis orthonormal
+    if values[-1] <= NEGLIGIBLE[values.dtype] * values[0]:
         product = matrix if right is None else matrix @ right
         return torch.linalg.svd(product, full_matrices=False)[0][:, :rank]
     scaled = vectors / values.sqrt()

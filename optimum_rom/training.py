@@ -2,8 +2,9 @@
 
 Each caller says what a step's loss is (``loss_at(step)``, so batches can be a pure function of
 the step and a resumed run sees the batches an uninterrupted one would), which parameters the
-optimizer (:func:`adam`, the same for every loop) moves, and for how long (a :class:`Budget` of steps or seconds); :func:`frozen_except`
-makes sure that nothing else is trained and that the model comes back as it was. Every loop can
+optimizer (:func:`adam`, the same for every loop) moves, and for how long (a :class:`Budget` of
+steps or seconds); :func:`frozen_except` makes sure that nothing else is trained and that the
+model comes back as it was. Every loop can
 run its forward in bfloat16 (``precision``, see :func:`optimum_rom.precision.compute_dtype`):
 torch's autocast, so the weights, the gradients and the optimizer's state stay float32
 (mixed-precision training).
@@ -79,8 +80,8 @@ def adam(parameters: Iterable[nn.Parameter] | Iterable[dict], lr: float = 1e-3) 
     """The optimizer of every loop: Adam (AdamW without weight decay is the same update), fused.
 
     torch's default Adam step makes several passes over each tensor and allocates temporaries as
-    large as the parameters. It is memory-bound: on a 7B-shaped block, whose factors are stepped
-    every few thousand tokens, it took longer than the backward. The fused step (torch's CPU and
+    large as the parameters. It is memory-bound: on a 7B-shaped block, whose refinement steps its
+    factors after every single sequence, it took longer than the backward. The fused step (torch's CPU and
     GPU kernel) is one pass with no temporaries: the same update, rounded differently.
     """
     return torch.optim.Adam(parameters, lr=lr, fused=True)

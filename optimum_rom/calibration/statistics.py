@@ -144,8 +144,8 @@ class LinearStatistics:
         return self.dtype if center and self.site == "input" else torch.float64
 
     def input_root(self, center: bool) -> torch.Tensor:
-        """``L`` (float32 or float64: see the class) with ``L L^T`` = the input's second moment; computed once for all
-        linears sharing it.
+        """``L`` (float32 or float64: see the class) with ``L L^T`` = the input's second moment;
+        computed once for all linears sharing it.
 
         Any such ``L`` gives the same ``F F^T = W C W^T``: the Cholesky factor is an order of
         magnitude cheaper than the eigendecomposition, which remains for a singular covariance
@@ -163,8 +163,8 @@ class LinearStatistics:
     def principal_output_basis(
         self, weight: torch.Tensor, rank: int, center: bool, root: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Top-``rank`` eigenvectors (out x rank, float32 or float64: see the class) of the covariance of ``W x`` (of
-        ``R^T W x`` with a metric's ``root`` ``R``).
+        """Top-``rank`` eigenvectors (out x rank, float32 or float64: see the class) of the
+        covariance of ``W x`` (of ``R^T W x`` with a metric's ``root`` ``R``).
 
         ``Cov(W x) = F F^T`` with ``F = W L`` and ``Cov(x) = L L^T``, so they are the top left
         singular vectors of the thin ``F``; an output-side measurement gives the covariance directly.
