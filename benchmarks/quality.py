@@ -109,6 +109,9 @@ METHODS: dict[str, Method] = {
     **{f"rom-auto-refine{epochs}": Method(_auto(refine_epochs=epochs)) for epochs in (8, 25)},
     "rom-auto-cosine": Method(_auto(refine_schedule="cosine")),
     "rom-auto-block": Method(_auto(refine_params="block")),
+    # refinement towards the dense model's own stream (AA-SVD's anchor) instead of the dense block's outputs
+    "rom-auto-anchored": Method(_auto(refine_target="dense")),
+    "rom-auto-mix50-anchored": Method(_auto(refine_target="dense"), _chat(0.5)),
     # damage scored per output direction, beside rom-auto / rom-auto-mix50 (per matrix)
     "rom-auto-direction": Method(_auto(scoring="direction")),
     "rom-auto-mix50-direction": Method(_auto(scoring="direction"), _chat(0.5)),

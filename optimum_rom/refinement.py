@@ -3,12 +3,13 @@ reproduces its targets on the calibration data.
 
 Per-linear fits ignore what the non-linear parts of the block (softmax attention, the gated
 MLP) do with their errors; a few epochs of Adam on the block output, still one block in
-memory, correct much of that. Targets are the dense block's outputs: on the dense model's own
-hidden states when the walker carries a reference stream (errors of earlier blocks get
-corrected too), otherwise on the compressed model's hidden states. A held-out eighth of the
-calibration samples picks the best epoch, so refinement can only help on data it did not see.
+memory, correct much of that. The targets (``RomConfig.refine_target``) are the dense block's
+outputs on the compressed model's hidden states (``local``), or the dense model's own hidden
+states after the block (``dense``, AA-SVD's anchor: errors of earlier blocks get corrected too).
+A held-out eighth of the calibration samples picks the best epoch, so refinement can only help
+on data it did not see.
 
-Two levers beside the epochs (``RomConfig.refine_schedule`` / ``refine_params``): a constant
+Two more levers beside the epochs (``refine_schedule`` / ``refine_params``): a constant
 learning rate or AA-SVD's recipe (10% linear warm-up, then cosine to zero, gradient norm clipped
 to 1), and training the factors only or every parameter of the block (its norms and the linears
 kept dense too).
@@ -52,6 +53,7 @@ def refine_block(
         parameters = [
             p for m in step.block.modules() if isinstance(m, FactorizedLinear) for p in m.parameters()
         ]
+    parameters = list(dict.fromkeys(parameters))  # a shared down projection is one parameter
     if not parameters or epochs < 1:
         return float("nan")
     samples = step.inputs.shape[0]

@@ -272,6 +272,37 @@ def test_block_refinement_reduces_the_block_error(schedule, trained, precision):
     assert moved == ((True, True) if trained == "block" else (False, False))  # the factors alone, or all
 
 
+@pytest.mark.parametrize("refine_target", ["local", "dense"])
+def test_refinement_tunes_each_block_towards_its_target(refine_target, monkeypatch):
+    """``local``: the dense block on the inputs the compressed block sees; ``dense`` (anchored): the
+    dense model's own hidden states after that block, which later blocks then work to restore."""
+    model = tiny_model("llama")
+    data = CalibrationSet(torch.randint(0, 500, (16, 32), generator=torch.Generator().manual_seed(0)))
+    dense_outputs = []
+
+    def keep(module, args, output):
+        dense_outputs.append((output[0] if isinstance(output, tuple) else output).clone())
+
+    hooks = [block.register_forward_hook(keep) for block in model.model.layers]
+    with torch.no_grad():
+        model(data.input_ids)
+    for hook in hooks:
+        hook.remove()
+    targets = []
+    monkeypatch.setattr(
+        rom_pass, "refine_block", lambda step, wanted, *args, **kwargs: targets.append(wanted)
+    )
+    config = RomConfig(params_ratio=0.6, refine_epochs=1, refine_target=refine_target)
+    run_rom(model, config, data, progress=False)
+    assert len(targets) == len(dense_outputs) > 1
+    torch.testing.assert_close(targets[0], dense_outputs[0], atol=1e-4, rtol=1e-4)  # nothing upstream yet
+    later = [
+        torch.allclose(t, d, atol=1e-4, rtol=1e-4)
+        for t, d in zip(targets[1:], dense_outputs[1:], strict=True)
+    ]
+    assert all(later) if refine_target == "dense" else not any(later)
+
+
 def test_new_options_are_validated():
     with pytest.raises(ValueError, match="target must be one of"):
         RomConfig(target="teacher")
@@ -285,6 +316,8 @@ def test_new_options_are_validated():
         RomConfig(refine_schedule="linear")
     with pytest.raises(ValueError, match="refine_params must be one of"):
         RomConfig(refine_params="norms")
+    with pytest.raises(ValueError, match="refine_target must be one of"):
+        RomConfig(refine_target="teacher")
     with pytest.raises(ValueError, match="metric must be one of"):
         RomConfig(metric="hessian")
     with pytest.raises(ValueError, match="--allocation adaptive"):
@@ -302,6 +335,7 @@ def test_new_options_are_validated():
         dict(target="dense"),
         dict(refine_epochs=2),
         dict(target="dense", refine_epochs=1),
+        dict(refine_epochs=1, refine_target="dense"),
         dict(allocation="adaptive", target="dense"),
         dict(allocation="adaptive", metric="fisher", refine_epochs=1),
     ],

@@ -128,6 +128,14 @@ ROM = (
         choices=("constant", "cosine"),
     ),
     Option(
+        "refine_target",
+        "local",
+        "rom: what refinement tunes each block towards: the dense block's outputs on the inputs the compressed "
+        "block sees (local), or the dense model's own hidden states after that block (dense: earlier blocks' "
+        "errors get corrected too)",
+        choices=("local", "dense"),
+    ),
+    Option(
         "refine_params",
         "factors",
         "rom: what refinement trains: the factors, or every parameter of the block (norms, dense linears too)",

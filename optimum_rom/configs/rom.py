@@ -81,6 +81,11 @@ class RomConfig(LowRankConfig):
         refine_lr: refinement's (peak) learning rate.
         refine_schedule: ``"constant"`` learning rate, or ``"cosine"`` (AA-SVD's: 10% linear
             warm-up, cosine decay to zero, gradient norm clipped to 1).
+        refine_target: what refinement tunes each block towards. ``"local"``: the dense block's
+            outputs on the inputs the compressed block sees. ``"dense"``: the dense model's own
+            hidden states after that block (AA-SVD's anchor), so each block also makes up for the
+            errors of the blocks before it; the walk carries the dense model's stream beside the
+            compressed one (one more dense block forward per block, twice the hidden states).
         refine_params: what refinement trains: ``"factors"`` (the factorized linears) or
             ``"block"`` (every parameter of the block: its norms and the linears kept dense too).
         heal_minutes: after compression, fine-tune LoRA adapters on the calibration text for this
@@ -104,6 +109,7 @@ class RomConfig(LowRankConfig):
     refine_epochs: int = default("refine_epochs")
     refine_lr: float = default("refine_lr")
     refine_schedule: str = default("refine_schedule")
+    refine_target: str = default("refine_target")
     refine_params: str = default("refine_params")
     heal_minutes: float = default("heal_minutes")
     time_budget: float = default("time_budget")
@@ -128,6 +134,7 @@ class RomConfig(LowRankConfig):
             "calibration_precision",
             "factorization_precision",
             "refine_schedule",
+            "refine_target",
             "refine_params",
         ):
             if getattr(self, field) not in choices(field):

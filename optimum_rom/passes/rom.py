@@ -116,7 +116,8 @@ def run_rom(
             f"the plan's gradient covariances are gone ({plan.fisher}): a Fisher-metric plan is applied "
             "in the run that measured it; measure it again (rerun the compression)"
         )
-    reference = config.target == "dense"
+    # the dense model's own stream: the targets of error-correcting fits and of anchored refinement
+    reference = config.target == "dense" or (config.refine_epochs > 0 and config.refine_target == "dense")
     with torch.no_grad():
         for step in walk_blocks(
             model,
@@ -129,7 +130,7 @@ def run_rom(
         ):
             if step.index in by_block:
                 metrics = _fisher_roots(plan, step.index, config) if plan.fisher else {}
-                _compress_block(model, step, by_block[step.index], config, reference, metrics)
+                _compress_block(model, step, by_block[step.index], config, metrics)
     return plan
 
 
@@ -147,21 +148,20 @@ def _compress_block(
     step: BlockStep,
     ranks: dict[str, int],
     config: RomConfig,
-    reference: bool,
     metrics: dict[str, torch.Tensor],
 ) -> None:
     """Factorize one block's linears. A function of its own so that the dense weights and the
     statistics are freed when it returns, before the walker runs the compressed block."""
     linears = {name: model.get_submodule(name) for name in ranks}
-    targets = None
-    if config.refine_epochs:  # what the dense block makes of the inputs it will see
-        targets = step.reference_outputs if reference else torch.empty_like(step.inputs)
+    targets, local = None, config.refine_target == "local"
+    if config.refine_epochs:  # the dense block on the inputs it will see, or the dense model's stream
+        targets = torch.empty_like(step.inputs) if local else step.reference_outputs
     # the statistics' forward runs on to the block's end when its outputs are the targets
-    outputs = targets if targets is not None and not reference else None
+    outputs = targets if targets is not None and local else None
     stats = collect_block_statistics(
         step,
         linears,
-        paired=reference,
+        paired=config.target == "dense",
         outputs=outputs,
         dtype=factorization_dtype(config.factorization_precision),
     )
