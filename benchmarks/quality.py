@@ -105,6 +105,9 @@ METHODS: dict[str, Method] = {
     "rom-auto-chat-sampled": Method(_auto(), _chat(0.0, sample=True)),
     **{f"rom-auto-mix{share}": Method(_auto(), _chat(share / 100)) for share in (25, 50, 75)},
     **{f"rom-auto-mix{share}-heal15": Method(_auto(15), _chat(share / 100)) for share in (25, 50, 75)},
+    # healing every parameter of the blocks instead of LoRA adapters
+    "rom-auto-heal15-full": Method(_auto(15, heal_params="full")),
+    "rom-auto-mix50-heal15-full": Method(_auto(15, heal_params="full"), _chat(0.5)),
     # refinement levers, each beside rom-auto (2 epochs, constant lr, factors only)
     **{f"rom-auto-refine{epochs}": Method(_auto(refine_epochs=epochs)) for epochs in (8, 25)},
     "rom-auto-cosine": Method(_auto(refine_schedule="cosine")),

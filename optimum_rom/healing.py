@@ -1,9 +1,18 @@
-"""Healing: a short LoRA fine-tune of a compressed model, merged back; a stage any pass can be followed by.
+"""Healing: a short fine-tune of a compressed model that keeps its size; a stage any pass can be
+followed by.
 
-LoRA adapters (PEFT) go on the linears the config's :class:`HealingSpec` names: every linear in the
-decoder blocks, and for factorized layers the two factors themselves (``q_proj.down``,
-``q_proj.up``), or only the factors; merging them back leaves every matrix exactly the size it
-was, so the model keeps its parameter count. What a step minimizes is the caller's loss:
+What is trained (:class:`HealingSpec` ``trained``):
+
+- ``"lora"``: LoRA adapters (PEFT) on the linears the spec names: every linear in the decoder
+  blocks, and for factorized layers the two factors themselves (``q_proj.down``, ``q_proj.up``),
+  or only the factors; merging them back leaves every matrix exactly the size it was. Its
+  optimizer state is a few percent of the model's: the choice for models near the memory's limit.
+- ``"full"``: every parameter of the decoder blocks (factors, norms, the linears kept dense); the
+  embeddings stay as they are (tied to the output head, and the largest matrix a step would
+  move). A rank-16 update per matrix is a narrow path for a model whose factors were each cut
+  on their own; moving the factors themselves heals more per step and per minute.
+
+What a step minimizes is the caller's loss:
 
 - :class:`WindowLoss` on calibration windows: the language-modelling loss, or (with a teacher,
   the dense model) the KL divergence to its next-token distribution, which carries more signal per
@@ -74,7 +83,7 @@ class WindowLoss:
         self.generator = torch.Generator().manual_seed(seed)
         self.tokens = 0
 
-    def __call__(self, model: nn.Module, step: int, temperature: float = 1.0) -> torch.Tensor:
+    def __call__(self, model: nn.Module, step: int) -> torch.Tensor:
         batch = self.data.rows(torch.randint(0, len(self.data), (self.batch_size,), generator=self.generator))
         ids = batch.input_ids
         self.tokens += ids.numel()
@@ -86,9 +95,9 @@ class WindowLoss:
         if batch.loss_mask is not None:  # the positions that predict a target token
             predicts = batch.loss_mask[:, 1:]
             logits, reference = logits[predicts], reference[predicts]
-        student = F.log_softmax(logits / temperature, dim=-1).flatten(0, -2)
-        dense = F.log_softmax(reference / temperature, dim=-1).flatten(0, -2)
-        return F.kl_div(student, dense, log_target=True, reduction="batchmean") * temperature**2
+        student = F.log_softmax(logits, dim=-1).flatten(0, -2)
+        dense = F.log_softmax(reference, dim=-1).flatten(0, -2)
+        return F.kl_div(student, dense, log_target=True, reduction="batchmean")
 
 
 class AnswerLoss:
@@ -110,7 +119,7 @@ class AnswerLoss:
 def heal(
     model: nn.Module, loss: WindowLoss | AnswerLoss, spec: HealingSpec, progress: bool = True
 ) -> HealingReport:
-    """Fine-tune ``model`` in place under ``spec``'s budget and merge the adapters (sizes unchanged)."""
+    """Fine-tune ``model`` in place under ``spec``'s budget (sizes unchanged: adapters are merged)."""
     budget = Budget(steps=spec.steps, seconds=None if spec.minutes is None else spec.minutes * 60)
     if (spec.minutes is not None and spec.minutes <= 0) or (spec.steps is not None and spec.steps < 1):
         raise ValueError(f"healing needs a positive budget, got {spec.minutes} minutes / {spec.steps} steps")
@@ -123,23 +132,28 @@ def heal(
         bar.update(min(done, bar.total) - bar.n)
         bar.set_postfix(loss=f"{value:.3f}", steps=step + 1 - spec.first_step)
 
-    lora = LoraConfig(
-        r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, target_modules=lora_targets(model, spec.targets)
-    )
-    with frozen_except(model, train=True, gradient_checkpointing=spec.gradient_checkpointing), bar:
-        peft_model = get_peft_model(model, lora)
-        trainable = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = adam(trainable, lr=spec.learning_rate)
+    full = spec.trained == "full"
+    blocks = list(dict.fromkeys(find_blocks(model)[1].parameters())) if full else []
+    with frozen_except(model, blocks, train=True, gradient_checkpointing=spec.gradient_checkpointing), bar:
+        if full:
+            trained = model
+        else:
+            targets = lora_targets(model, spec.targets)
+            lora = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, target_modules=targets)
+            trained = get_peft_model(model, lora)
+        optimizer = adam([p for p in trained.parameters() if p.requires_grad], lr=spec.lr)
         losses = train(
             optimizer,
-            lambda step: loss(peft_model, step),
+            lambda step: loss(trained, step),
             budget,
             clip=1.0,
             first_step=spec.first_step,
             after_step=show,
             precision=spec.precision,
         )
-        merge_adapters(peft_model)
+        del optimizer  # its state (twice the trained parameters) before the merge allocates
+        if not full:
+            merge_adapters(trained)
     tail = losses[-max(1, len(losses) // 10) :]
     return HealingReport(
         steps=len(losses),

@@ -1,16 +1,20 @@
 """What a run will need, checked against what the model and the machine allow, before any work.
 
-A sequence longer than the model's context, or calibration activations larger than the free
-memory, would otherwise fail (or swap the machine to a halt) minutes into the run, after the
-model and the data were loaded.
+A sequence longer than the model's context, calibration activations larger than the free
+memory, or a healing stage that cannot hold its model, teacher and optimizer would otherwise
+fail (or swap the machine to a halt) minutes or hours into the run.
 """
 
 from __future__ import annotations
 
 import psutil
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoModelForCausalLM
 
 from .calibration.walker import CHUNK_ACTIVATION_BYTES
-from .configs import LowRankConfig
+from .configs import HealingSpec, LowRankConfig
+from .structure import count_parameters, decoder_linear_parameters, find_blocks
 
 FLOAT32 = 4
 # Live (samples x seq_len x widest) buffers of one chunk inside a block: input, attention and
@@ -58,4 +62,64 @@ def check_calibration_memory(model_config, config: LowRankConfig) -> None:
             f"{config.seq_len} tokens x {model_config.hidden_size} hidden states in float32, plus one block's "
             f"activations) and {available / 2**30:.1f} GiB are available; lower num_samples or seq_len "
             "(CLI: --num-samples, --seq-len)"
+        )
+
+
+# Vocabulary-sized float32 buffers per healing token: the student's logits, their float copy and
+# log-softmax, the teacher's log-softmax (and the gradients of the first ones).
+LOGIT_BUFFERS = 6
+# Bytes a fully trained parameter adds: its gradient and Adam's two moments (float32).
+FULL_TRAINING_BYTES = 12
+
+
+def skeleton(model_config) -> nn.Module:
+    """The model's architecture on the meta device: parameter counts without the weights."""
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(model_config)
+    model.tie_weights()  # from_config does not tie on the meta device; tied weights count once
+    return model
+
+
+def healing_memory(
+    model: nn.Module, config: LowRankConfig, spec: HealingSpec, seq_len: int, resident: bool
+) -> int:
+    """Bytes the healing stage adds to what is in memory when the run starts (an estimate).
+
+    The compressed model (unless ``resident``: compressed in place, it is smaller than the dense
+    model already loaded), the dense teacher when distilling, the gradient and Adam's state of
+    every trained parameter for full fine-tuning (LoRA's are a few percent: not counted), and a
+    batch's vocabulary-sized logits.
+    """
+    total = count_parameters(model)
+    if config.ratio_of == "model":
+        kept = config.params_ratio * total
+    else:
+        kept = total - (1 - config.params_ratio) * decoder_linear_parameters(model)
+    blocks = sum(p.numel() for p in find_blocks(model)[1].parameters()) * kept / total
+    vocab = getattr(model.config, "vocab_size", 0) or 0
+    return int(
+        (0 if resident else FLOAT32 * kept)
+        + (FLOAT32 * total if spec.distill else 0)
+        + (FULL_TRAINING_BYTES * blocks if spec.trained == "full" else 0)
+        + LOGIT_BUFFERS * spec.batch_size * seq_len * vocab * FLOAT32
+    )
+
+
+def check_healing_memory(model: nn.Module, config: LowRankConfig, seq_len: int, resident: bool) -> None:
+    """Refuse a healing stage that will not fit in the memory available now, before the compression
+    it follows (which may take hours on a large model)."""
+    spec = config.healing()
+    if spec is None:
+        return
+    needed = healing_memory(model, config, spec, seq_len, resident)
+    available = psutil.virtual_memory().available
+    if needed > available:
+        parts = ["the compressed model" * (not resident), "the dense teacher" * spec.distill]
+        parts.append("gradients and Adam's state of every block parameter" * (spec.trained == "full"))
+        fixes = ["heal_params='lora' (CLI --heal-params lora)"] * (spec.trained == "full")
+        fixes += ["heal_distill=False (CLI --no-heal-distill)"] * spec.distill
+        fixes.append("no healing (heal_minutes=0 and time_budget=0)")
+        raise MemoryError(
+            f"healing needs about {needed / 2**30:.1f} GiB ({', '.join(p for p in parts if p)} and a batch's "
+            f"logits) and {available / 2**30:.1f} GiB are available; heal with {' or '.join(fixes)}"
         )

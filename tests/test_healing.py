@@ -1,13 +1,15 @@
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from optimum_rom import FactorizedLinear, LowRankOptimizer, RomConfig
+from optimum_rom import FactorizedLinear, LowRankOptimizer, RomConfig, preflight
 from optimum_rom.calibration.data import CalibrationSet
 from optimum_rom.configs import HealingSpec
 from optimum_rom.healing import WindowLoss, heal, lora_targets
+from optimum_rom.optimizer import HEAL_SEQ_LEN
 
 from .conftest import tiny_model
 
@@ -37,8 +39,33 @@ def test_lora_goes_on_the_factors_so_sizes_survive_the_merge(tokenizer, calibrat
     assert not torch.equal(model.model.layers[0].mlp.up_proj.down.weight, before)
 
 
-@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
-def test_distillation_moves_the_student_towards_the_teacher(precision, tokenizer, calibration_file):
+def test_full_healing_trains_every_block_parameter_but_not_the_embeddings(tokenizer, calibration_file):
+    model, _ = compressed_tiny_model(tokenizer, calibration_file)
+    parameters = model.num_parameters()
+    block = model.model.layers[0]
+    watched = {
+        "factor": block.mlp.up_proj.down.weight,
+        "norm": block.input_layernorm.weight,
+        "embedding": model.model.embed_tokens.weight,
+    }
+    before = {name: tensor.detach().clone() for name, tensor in watched.items()}
+
+    ids = torch.randint(0, 500, (32, 24))
+    report = heal(
+        model, WindowLoss(CalibrationSet(ids)), HealingSpec(steps=3, trained="full"), progress=False
+    )
+
+    assert report.steps == 3
+    moved = {name: not torch.equal(watched[name], before[name]) for name in watched}
+    assert moved == {"factor": True, "norm": True, "embedding": False}
+    assert model.num_parameters() == parameters and isinstance(block.mlp.up_proj, FactorizedLinear)
+    assert all(p.requires_grad for p in model.parameters())  # handed back like a freshly loaded model
+
+
+@pytest.mark.parametrize(
+    ("precision", "trained"), [("float32", "lora"), ("bfloat16", "lora"), ("float32", "full")]
+)
+def test_distillation_moves_the_student_towards_the_teacher(precision, trained, tokenizer, calibration_file):
     student, teacher = compressed_tiny_model(tokenizer, calibration_file)
     ids = torch.randint(0, 500, (16, 24))
 
@@ -49,7 +76,7 @@ def test_distillation_moves_the_student_towards_the_teacher(precision, tokenizer
             return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean").item()
 
     before = divergence()
-    spec = HealingSpec(steps=20, learning_rate=1e-3, precision=precision)
+    spec = HealingSpec(steps=20, learning_rate=1e-3, precision=precision, trained=trained)
     heal(student, WindowLoss(CalibrationSet(ids), teacher), spec, progress=False)
     assert divergence() < before
 
@@ -95,6 +122,38 @@ def test_healing_without_distillation_learns_the_texts_own_tokens(model_dir, cal
     assert optimizer.report.healing["first_loss"] > 3
 
 
+def test_healing_that_cannot_fit_in_memory_is_refused_before_the_compression(
+    model_dir, calibration_file, monkeypatch
+):
+    """Full fine-tuning adds a gradient and Adam's two moments per block parameter; where only
+    LoRA fits, the run stops at once and names the way out."""
+    optimizer = LowRankOptimizer.from_pretrained(model_dir("llama"))
+    full = RomConfig(params_ratio=0.7, num_samples=16, seq_len=32, heal_minutes=0.02, heal_params="full")
+    lora = RomConfig(params_ratio=0.7, num_samples=16, seq_len=32, heal_minutes=0.02)
+    model = optimizer.model
+    needs = {
+        config.heal_params: preflight.healing_memory(
+            model, config, config.healing(), HEAL_SEQ_LEN, resident=True
+        )
+        for config in (full, lora)
+    }
+    blocks = sum(p.numel() for p in model.model.layers.parameters())
+    assert needs["full"] - needs["lora"] == pytest.approx(12 * 0.7 * blocks, rel=0.1)
+    available = (needs["full"] + needs["lora"]) // 2
+    monkeypatch.setattr(preflight.psutil, "virtual_memory", lambda: SimpleNamespace(available=available))
+    monkeypatch.setattr(
+        preflight, "CHUNK_ACTIVATION_BYTES", 1
+    )  # the calibration's own check budgets a large chunk
+
+    with pytest.raises(
+        MemoryError, match=r"healing needs about .* heal_params='lora' \(CLI --heal-params lora\)"
+    ):
+        optimizer.compress(full, calibration=calibration_file, progress=False)
+    assert optimizer.report is None  # refused before any work
+    optimizer.compress(lora, calibration=calibration_file, progress=False)
+    assert optimizer.report.healing["steps"] > 0
+
+
 def test_heal_minutes_must_be_positive():
     with pytest.raises(ValueError, match="heal_minutes must be a non-negative"):
         RomConfig(heal_minutes=-1)
@@ -102,3 +161,5 @@ def test_heal_minutes_must_be_positive():
         RomConfig(time_budget=-1)
     with pytest.raises(ValueError, match="both set: choose one"):
         RomConfig.from_preset("best", heal_minutes=15)
+    with pytest.raises(ValueError, match="heal_params must be one of"):
+        RomConfig(heal_params="adapters")

@@ -18,14 +18,18 @@ from .options import choices, default
 
 @dataclass(frozen=True)
 class HealingSpec:
-    """The healing stage a config asks for after its pass: LoRA on the compressed model, merged back.
+    """The healing stage a config asks for after its pass: a fine-tune of the compressed model that
+    leaves every matrix its size.
 
+    ``trained``: ``"lora"`` adapters merged back, or ``"full"``: every parameter of the decoder
+    blocks (12 more bytes per parameter for its gradient and Adam's state: for models whose blocks
+    fit in memory four times). ``learning_rate``: ``None`` picks the one measured for ``trained``.
     ``minutes`` / ``steps``: the budget (wall time for users, steps for a fixed amount of work).
     ``distill``: towards the dense model's next-token distribution (else the data's own tokens).
     ``within_budget``: ``minutes`` is the whole run's time budget, not the healing's: healing gets
     what the stages before it left (the optimizer measures from the start of ``compress``).
-    ``targets``: ``"blocks"`` every linear in the decoder blocks (factors included), ``"factors"``
-    only the factors of factorized linears. ``first_step`` continues a pass's batch sequence.
+    ``targets`` (LoRA): ``"blocks"`` every linear in the decoder blocks (factors included),
+    ``"factors"`` only the factors of factorized linears. ``first_step`` continues a pass's batch sequence.
     ``precision``: of the training steps (see optimum_rom.precision.compute_dtype).
     """
 
@@ -33,14 +37,25 @@ class HealingSpec:
     steps: int | None = None
     distill: bool = True
     within_budget: bool = False
+    trained: str = default("heal_params")
     rank: int = 16
     alpha: int = 32
-    learning_rate: float = 2e-4
+    learning_rate: float | None = None
     batch_size: int = 4
     targets: str = "blocks"
     gradient_checkpointing: bool = False
     first_step: int = 0
     precision: str = default("training_precision")
+
+    @property
+    def lr(self) -> float:
+        """The step size: ``learning_rate``, or the one measured best for what is trained (full
+        fine-tuning diverges at LoRA's)."""
+        return (
+            self.learning_rate
+            if self.learning_rate is not None
+            else {"lora": 2e-4, "full": 5e-5}[self.trained]
+        )
 
 
 @dataclass

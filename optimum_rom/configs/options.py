@@ -141,8 +141,13 @@ ROM = (
         "rom: what refinement trains: the factors, or every parameter of the block (norms, dense linears too)",
         choices=("factors", "block"),
     ),
+    Option("heal_minutes", 0.0, "rom: fine-tune for this many minutes after compressing (0 = off)"),
     Option(
-        "heal_minutes", 0.0, "rom: LoRA fine-tune for this many minutes after compressing, merged (0 = off)"
+        "heal_params",
+        "lora",
+        "rom: what healing trains: LoRA adapters, merged back, or every parameter of the decoder blocks "
+        "(full: better per minute, 12 more bytes per parameter)",
+        choices=("lora", "full"),
     ),
     Option(
         "time_budget",

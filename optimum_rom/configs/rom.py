@@ -88,8 +88,11 @@ class RomConfig(LowRankConfig):
             compressed one (one more dense block forward per block, twice the hidden states).
         refine_params: what refinement trains: ``"factors"`` (the factorized linears) or
             ``"block"`` (every parameter of the block: its norms and the linears kept dense too).
-        heal_minutes: after compression, fine-tune LoRA adapters on the calibration text for this
-            many minutes and merge them (sizes unchanged; 0 = off). See optimum_rom.healing.
+        heal_minutes: after compression, fine-tune on the calibration text for this many minutes
+            (sizes unchanged; 0 = off). See optimum_rom.healing.
+        heal_params: what healing trains: ``"lora"`` adapters (PEFT), merged back, or ``"full"``:
+            every parameter of the decoder blocks, which heals more per minute and needs 12 more
+            bytes per parameter (gradients, Adam's state).
         time_budget: minutes the whole ``compress`` call may take (self-calibration, measurement,
             compression, healing): healing gets the time the rest leaves, and is skipped, with a
             warning, when nothing is left (0 = no budget). Exclusive with ``heal_minutes``.
@@ -112,6 +115,7 @@ class RomConfig(LowRankConfig):
     refine_target: str = default("refine_target")
     refine_params: str = default("refine_params")
     heal_minutes: float = default("heal_minutes")
+    heal_params: str = default("heal_params")
     time_budget: float = default("time_budget")
     heal_distill: bool = default("heal_distill")
     quant_method: str = "rom"
@@ -136,6 +140,7 @@ class RomConfig(LowRankConfig):
             "refine_schedule",
             "refine_target",
             "refine_params",
+            "heal_params",
         ):
             if getattr(self, field) not in choices(field):
                 raise ValueError(f"{field} must be one of {choices(field)}, got {getattr(self, field)!r}")
@@ -174,7 +179,11 @@ class RomConfig(LowRankConfig):
         return cls(**{**PRESETS[preset], **overrides})
 
     def healing(self) -> HealingSpec | None:
-        shared = {"distill": self.heal_distill, "precision": self.training_precision}
+        shared = {
+            "distill": self.heal_distill,
+            "precision": self.training_precision,
+            "trained": self.heal_params,
+        }
         if self.time_budget:
             return HealingSpec(minutes=self.time_budget, within_budget=True, **shared)
         if not self.heal_minutes:
