@@ -68,14 +68,14 @@ def test_auto_preset_with_healing(model_dir, calibration_file, tmp_path):
 
 def test_best_preset_heals_within_the_time_budget(model_dir, calibration_file, tmp_path):
     result = optimum_cli(
-        "rom", "compress", "--model", model_dir("llama"), "--preset", "best", "--time-budget", 0.1,
+        "rom", "compress", "--model", model_dir("llama"), "--preset", "best", "--time-budget", 0.3,
         "--params-ratio", 0.7, "--calibration", calibration_file, "--num-samples", 8, "--seq-len", 32,
         "--output", tmp_path / "rom",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "healed" in result.stdout
     saved = json.loads((tmp_path / "rom" / "config.json").read_text())["quantization_config"]
-    assert (saved["allocation"], saved["time_budget"], saved["heal_minutes"]) == ("adaptive", 0.1, 0)
+    assert (saved["allocation"], saved["time_budget"], saved["heal_minutes"]) == ("adaptive", 0.3, 0)
 
 
 @pytest.mark.parametrize(

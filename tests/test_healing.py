@@ -93,7 +93,7 @@ def test_healing_through_the_optimizer_keeps_the_size(model_dir, calibration_fil
 
 
 def test_a_time_budget_heals_for_what_the_compression_leaves(model_dir, calibration_file, tmp_path):
-    budget = 0.15  # minutes, for the whole compress call
+    budget = 0.3  # minutes, for the whole compress call: the tiny model's compression takes seconds, more on a busy machine
     config = RomConfig.from_preset("best", params_ratio=0.7, num_samples=16, seq_len=32, time_budget=budget)
     optimizer = LowRankOptimizer.from_pretrained(model_dir("llama"))
     optimizer.compress(config, calibration=calibration_file, save_dir=tmp_path / "rom", progress=False)
