@@ -43,7 +43,7 @@ from .integrations.transformers import attach_quantizer
 from .model_card import write_model_card
 from .model_sources import load_causal_lm, load_model, resolve_model_path, source_name
 from .passes import CompressionPass, PassData, pass_for
-from .preflight import check_calibration_memory, check_context_length, check_healing_memory, skeleton
+from .preflight import check_calibration_memory, check_context_length, check_healing_memory
 from .streaming import LazyCheckpoint, compress_streaming, plan_fingerprint
 from .structure import (
     check_compressible,
@@ -51,6 +51,7 @@ from .structure import (
     check_materialized,
     count_parameters,
     decoder_linear_parameters,
+    meta_model,
 )
 from .task_data import (
     TaskFormat,
@@ -276,10 +277,11 @@ class LowRankOptimizer(OptimumQuantizer):
             check_context_length(model_config, config.seq_len)
         if method.data is PassData.CALIBRATION:
             check_calibration_memory(model_config, config)
-        if config.healing() is not None:
+        spec = config.healing()
+        if spec is not None:
             resident = self._model is not None
-            model = self._model if resident else skeleton(model_config)
-            check_healing_memory(model, config, HEAL_SEQ_LEN, resident)
+            model = self._model if resident else meta_model(model_config)
+            check_healing_memory(model, config, spec, HEAL_SEQ_LEN, resident)
         streamed = save_dir is not None and self._model is None and method.can_stream(config)
         if method.resumable and work_dir is None and save_dir is not None:
             work_dir = default_work_dir(save_dir)

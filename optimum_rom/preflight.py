@@ -8,9 +8,7 @@ fail (or swap the machine to a halt) minutes or hours into the run.
 from __future__ import annotations
 
 import psutil
-from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from .calibration.walker import CHUNK_ACTIVATION_BYTES
 from .configs import HealingSpec, LowRankConfig
@@ -72,14 +70,6 @@ LOGIT_BUFFERS = 6
 FULL_TRAINING_BYTES = 12
 
 
-def skeleton(model_config) -> nn.Module:
-    """The model's architecture on the meta device: parameter counts without the weights."""
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(model_config)
-    model.tie_weights()  # from_config does not tie on the meta device; tied weights count once
-    return model
-
-
 def healing_memory(
     model: nn.Module, config: LowRankConfig, spec: HealingSpec, seq_len: int, resident: bool
 ) -> int:
@@ -105,21 +95,27 @@ def healing_memory(
     )
 
 
-def check_healing_memory(model: nn.Module, config: LowRankConfig, seq_len: int, resident: bool) -> None:
+def check_healing_memory(
+    model: nn.Module, config: LowRankConfig, spec: HealingSpec, seq_len: int, resident: bool
+) -> None:
     """Refuse a healing stage that will not fit in the memory available now, before the compression
     it follows (which may take hours on a large model)."""
-    spec = config.healing()
-    if spec is None:
-        return
     needed = healing_memory(model, config, spec, seq_len, resident)
     available = psutil.virtual_memory().available
-    if needed > available:
-        parts = ["the compressed model" * (not resident), "the dense teacher" * spec.distill]
-        parts.append("gradients and Adam's state of every block parameter" * (spec.trained == "full"))
-        fixes = ["heal_params='lora' (CLI --heal-params lora)"] * (spec.trained == "full")
-        fixes += ["heal_distill=False (CLI --no-heal-distill)"] * spec.distill
-        fixes.append("no healing (heal_minutes=0 and time_budget=0)")
-        raise MemoryError(
-            f"healing needs about {needed / 2**30:.1f} GiB ({', '.join(p for p in parts if p)} and a batch's "
-            f"logits) and {available / 2**30:.1f} GiB are available; heal with {' or '.join(fixes)}"
-        )
+    if needed <= available:
+        return
+    parts, fixes = [], []
+    if not resident:
+        parts.append("the compressed model")
+    if spec.distill:
+        parts.append("the dense teacher")
+    if spec.trained == "full":
+        parts.append("gradients and Adam's state of every block parameter")
+        fixes.append("heal_params='lora' (CLI --heal-params lora)")
+    if spec.distill:
+        fixes.append("heal_distill=False (CLI --no-heal-distill)")
+    fixes.append("no healing (heal_minutes=0 and time_budget=0)")
+    raise MemoryError(
+        f"healing needs about {needed / 2**30:.1f} GiB ({', '.join([*parts, 'a batch of logits'])}) and "
+        f"{available / 2**30:.1f} GiB are available; heal with {' or '.join(fixes)}"
+    )

@@ -53,7 +53,6 @@ def refine_block(
         parameters = [
             p for m in step.block.modules() if isinstance(m, FactorizedLinear) for p in m.parameters()
         ]
-    parameters = list(dict.fromkeys(parameters))  # a shared down projection is one parameter
     if not parameters or epochs < 1:
         return float("nan")
     samples = step.inputs.shape[0]

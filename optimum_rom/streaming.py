@@ -20,12 +20,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from .allocation import RankPlan
 from .calibration.data import CalibrationSet
@@ -34,7 +33,7 @@ from .checkpoint import PartialOutput, SafetensorsWriter, TensorSpec, ensure_fre
 from .checkpoint_format import build_skeleton, weights_metadata, with_ranks
 from .configs import LowRankConfig
 from .memory import flat_peak_memory, return_freed_memory
-from .structure import check_compressible, find_blocks
+from .structure import check_compressible, find_blocks, meta_model
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _HIDDEN_FILE = "hidden.safetensors"
@@ -64,10 +63,8 @@ class LazyCheckpoint:
                             "weights; optimum-rom needs float weights"
                         )
                     self.specs[name] = TensorSpec(tuple(info.get_shape()), _DTYPES[dtype])
-        with init_empty_weights():
-            self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
+        self.model = meta_model(self.config)
         check_compressible(self.model)
-        self.model.tie_weights()  # not done on the meta device by from_config; counts tied weights once
         self.model.eval()
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:

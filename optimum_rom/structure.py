@@ -10,7 +10,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,15 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def meta_model(model_config) -> nn.Module:
+    """The architecture of ``model_config`` on the meta device (float32, tied weights tied): shapes
+    and parameter counts without the weights."""
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    model.tie_weights()  # not done on the meta device by from_config; counts tied weights once
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

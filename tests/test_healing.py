@@ -141,9 +141,8 @@ def test_healing_that_cannot_fit_in_memory_is_refused_before_the_compression(
     assert needs["full"] - needs["lora"] == pytest.approx(12 * 0.7 * blocks, rel=0.1)
     available = (needs["full"] + needs["lora"]) // 2
     monkeypatch.setattr(preflight.psutil, "virtual_memory", lambda: SimpleNamespace(available=available))
-    monkeypatch.setattr(
-        preflight, "CHUNK_ACTIVATION_BYTES", 1
-    )  # the calibration's own check budgets a large chunk
+    # the calibration's own check budgets a chunk of activations far above this tiny model's
+    monkeypatch.setattr(preflight, "CHUNK_ACTIVATION_BYTES", 1)
 
     with pytest.raises(
         MemoryError, match=r"healing needs about .* heal_params='lora' \(CLI --heal-params lora\)"

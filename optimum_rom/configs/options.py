@@ -146,7 +146,7 @@ ROM = (
         "heal_params",
         "lora",
         "rom: what healing trains: LoRA adapters, merged back, or every parameter of the decoder blocks "
-        "(full: better per minute, 12 more bytes per parameter)",
+        "(full: 12 more bytes per parameter)",
         choices=("lora", "full"),
     ),
     Option(

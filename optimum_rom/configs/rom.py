@@ -91,8 +91,8 @@ class RomConfig(LowRankConfig):
         heal_minutes: after compression, fine-tune on the calibration text for this many minutes
             (sizes unchanged; 0 = off). See optimum_rom.healing.
         heal_params: what healing trains: ``"lora"`` adapters (PEFT), merged back, or ``"full"``:
-            every parameter of the decoder blocks, which heals more per minute and needs 12 more
-            bytes per parameter (gradients, Adam's state).
+            every parameter of the decoder blocks, which needs 12 more bytes per parameter
+            (gradients, Adam's state).
         time_budget: minutes the whole ``compress`` call may take (self-calibration, measurement,
             compression, healing): healing gets the time the rest leaves, and is skipped, with a
             warning, when nothing is left (0 = no budget). Exclusive with ``heal_minutes``.
