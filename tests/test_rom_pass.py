@@ -272,6 +272,25 @@ def test_block_refinement_reduces_the_block_error(schedule, trained, precision):
     assert moved == ((True, True) if trained == "block" else (False, False))  # the factors alone, or all
 
 
+def test_refinement_that_only_hurts_leaves_the_block_as_it_was():
+    """The held-out check keeps the unrefined parameters (kept in a file meanwhile), bit for bit,
+    when every epoch makes the block worse; a transposed (non-contiguous) weight included."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 500, (64, 32), generator=torch.Generator().manual_seed(0))
+    step = next(iter(walk_blocks(model, ids, progress=False)))
+    targets = step.forward()
+    dense = step.block.mlp.gate_proj
+    u, s, vh = torch.linalg.svd(dense.weight.detach(), full_matrices=False)
+    layer = FactorizedLinear.from_factors(s[:4, None] * vh[:4], u[:, :4], dense.bias)
+    layer.up.weight = torch.nn.Parameter(layer.up.weight.detach().T.contiguous().T)
+    step.block.mlp.gate_proj = layer
+    before = {name: p.clone() for name, p in layer.named_parameters()}
+    refine_block(step, targets, epochs=3, lr=100.0)
+    assert not layer.up.weight.is_contiguous()
+    for name, p in layer.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
 @pytest.mark.parametrize("refine_target", ["local", "dense"])
 def test_refinement_tunes_each_block_towards_its_target(refine_target, monkeypatch):
     """``local``: the dense block on the inputs the compressed block sees; ``dense`` (anchored): the
