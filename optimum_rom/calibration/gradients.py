@@ -84,16 +84,19 @@ class OutputGradients:
         self.outputs: torch.Tensor | None = None
         self.call_kwargs: list[dict] = []
 
-    def record(self, step: BlockStep, last: bool, bases: dict[str, torch.Tensor] | None = None) -> None:
-        """Keep what the backward needs of this block: its inputs, the output bases of the linears to
-        be measured per direction (on disk, float32), and the model's output after the last block."""
+    def record(self, step: BlockStep, last: bool) -> None:
+        """Keep what the backward needs of this block: its inputs, and the model's output after the
+        last block."""
         inputs = step.inputs[self.rows]
-        if bases:
-            torch.save({name: basis.float() for name, basis in bases.items()}, self._bases_file(step.index))
         self.inputs.append(inputs)
         self.call_kwargs.append(step.call_kwargs)
         if last:
             self.outputs = step.forward(inputs)
+
+    def keep_basis(self, index: int, name: str, basis: torch.Tensor) -> None:
+        """Keep (on disk, float32) the output basis of a linear to be measured per direction, as soon
+        as it is computed: a 7B-shaped block's bases together are ~0.7 GB."""
+        torch.save({name: basis.float()}, self.inputs.directory / f"bases-{index}-{name}.pt")
 
     def backward(
         self,
@@ -144,14 +147,13 @@ class OutputGradients:
             self._directory.cleanup()
         return {name: totals[name] / max(counts[name], 1) for name in totals}
 
-    def _bases_file(self, index: int) -> Path:
-        return self.inputs.directory / f"bases-{index}.pt"
-
     def _bases(self, index: int) -> dict[str, torch.Tensor]:
-        """The block's recorded bases, float32 as saved: at 7B's shapes a block's bases are ~0.7 GB,
-        twice that in float64, and the projections need no more than the gradients' own precision."""
-        file = self._bases_file(index)
-        return torch.load(file, weights_only=True) if file.is_file() else {}
+        """Block ``index``'s kept bases, float32 as saved: twice as large in float64, and the
+        projections need no more than the gradients' own precision."""
+        bases = {}
+        for file in self.inputs.directory.glob(f"bases-{index}-*.pt"):
+            bases.update(torch.load(file, weights_only=True))
+        return bases
 
     def _head_gradient(
         self, blocks_name: str, blocks: nn.ModuleList, weights: WeightSource | None

@@ -89,14 +89,14 @@ def measure_damage(
             linears = {name: model.get_submodule(name) for name in by_block.get(step.index, [])}
             step.outputs = torch.empty_like(step.inputs)  # the block stays dense: one forward serves both
             statistics = collect_block_statistics(step, linears, outputs=step.outputs, dtype=dtype)
-            bases = {}
             for name, linear in linears.items():
                 if per_direction:
                     spectra[name], basis = statistics[name].output_eigenpairs(linear.weight, center)
-                    bases[name] = basis.float()  # at once: a 7B block's bases in float64 are ~1.4 GB
+                    gradients.keep_basis(step.index, name, basis)
+                    del basis
                 else:
                     spectra[name] = statistics[name].output_spectrum(linear.weight, center)
-            gradients.record(step, last=step.index == len(blocks) - 1, bases=bases)
+            gradients.record(step, last=step.index == len(blocks) - 1)
     squared = gradients.backward(by_block, weights, progress)
     damage = {}
     for site in sites:
