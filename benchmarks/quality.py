@@ -115,14 +115,14 @@ METHODS: dict[str, Method] = {
     # refinement towards the dense model's own stream (AA-SVD's anchor) instead of the dense block's outputs
     "rom-auto-anchored": Method(_auto(refine_target="dense")),
     "rom-auto-mix50-anchored": Method(_auto(refine_target="dense"), _chat(0.5)),
-    # damage scored per output direction, beside rom-auto / rom-auto-mix50 (per matrix)
-    "rom-auto-direction": Method(_auto(scoring="direction")),
-    "rom-auto-mix50-direction": Method(_auto(scoring="direction"), _chat(0.5)),
+    # damage scored per linear instead of auto's per output direction, beside rom-auto / rom-auto-mix50
+    "rom-auto-matrix": Method(_auto(scoring="matrix")),
+    "rom-auto-mix50-matrix": Method(_auto(scoring="matrix"), _chat(0.5)),
     # each fit in the loss gradients' metric instead of the plain feature error, beside the above
     "rom-auto-fisher": Method(_auto(metric="fisher")),
-    "rom-auto-direction-fisher": Method(_auto(scoring="direction", metric="fisher")),
+    "rom-auto-matrix-fisher": Method(_auto(scoring="matrix", metric="fisher")),
     "rom-auto-mix50-fisher": Method(_auto(metric="fisher"), _chat(0.5)),
-    "rom-auto-mix50-direction-fisher": Method(_auto(scoring="direction", metric="fisher"), _chat(0.5)),
+    "rom-auto-mix50-matrix-fisher": Method(_auto(scoring="matrix", metric="fisher"), _chat(0.5)),
     # --preset best: auto, then healing for what is left of a 20- or 60-minute budget
     **{f"rom-best{minutes}": Method(_best(minutes)) for minutes in (20, 60)},
     "rom-auto-refine8-cosine-block": Method(

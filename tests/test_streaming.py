@@ -30,7 +30,7 @@ def weight_file_digests(directory):
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in Path(directory).glob("*.safetensors")}
 
 
-AUTO = {"allocation": "adaptive", "refine_epochs": 1}  # what --preset auto streams: gradients and refinement
+AUTO = {"allocation": "adaptive", "scoring": "direction", "refine_epochs": 1}  # what --preset auto streams: gradients and refinement
 
 
 @pytest.mark.parametrize(
@@ -42,7 +42,7 @@ AUTO = {"allocation": "adaptive", "refine_epochs": 1}  # what --preset auto stre
         ("llama", None, AUTO),
         ("gemma", None, AUTO),
         ("llama", None, {**AUTO, "refine_params": "block", "refine_schedule": "cosine"}),
-        ("llama", None, {**AUTO, "scoring": "direction"}),
+        ("llama", None, {**AUTO, "scoring": "matrix"}),
         ("qwen2", None, {**AUTO, "metric": "fisher"}),
     ],
 )

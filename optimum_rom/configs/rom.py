@@ -12,12 +12,11 @@ TARGETS = choices("target")
 # Named settings, measured on SmolLM2-135M (see the README's quality table). "auto" is the best
 # combination without the time budget, which the user chooses (heal_minutes).
 PRESETS: dict[str, dict[str, object]] = {
-    "auto": {"allocation": "adaptive", "target": "local", "refine_epochs": 2},
+    "auto": {"allocation": "adaptive", "scoring": "direction", "target": "local", "refine_epochs": 2},
     "paper": {"allocation": "paper", "target": "local"},
     "uniform": {"allocation": "uniform", "target": "local"},
-    # auto with damage scored per direction (measured better, not yet on 7B-shaped models' memory),
-    # then healing for the time the compression left of the budget (the lever that bought the most
-    # quality per minute; more refinement epochs cost the chat)
+    # auto, then healing for the time the compression left of the budget (the lever that bought the
+    # most quality per minute; more refinement epochs cost the chat)
     "best": {
         "allocation": "adaptive",
         "scoring": "direction",
