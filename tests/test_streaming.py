@@ -30,11 +30,8 @@ def weight_file_digests(directory):
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in Path(directory).glob("*.safetensors")}
 
 
-AUTO = {
-    "allocation": "adaptive",
-    "scoring": "direction",
-    "refine_epochs": 1,
-}  # what --preset auto streams: gradients and refinement
+# what --preset auto streams: gradients (projected on each linear's output basis) and refinement
+AUTO = {"allocation": "adaptive", "scoring": "direction", "refine_epochs": 1}
 
 
 @pytest.mark.parametrize(
