@@ -11,19 +11,19 @@ ALLOCATIONS = choices("allocation")
 TARGETS = choices("target")
 # Named settings, measured on SmolLM2-135M (see the README's quality table). "auto" is the best
 # combination without the time budget, which the user chooses (heal_minutes).
+AUTO: dict[str, object] = {
+    "allocation": "adaptive",
+    "scoring": "direction",
+    "target": "local",
+    "refine_epochs": 2,
+}
 PRESETS: dict[str, dict[str, object]] = {
-    "auto": {"allocation": "adaptive", "scoring": "direction", "target": "local", "refine_epochs": 2},
+    "auto": AUTO,
     "paper": {"allocation": "paper", "target": "local"},
     "uniform": {"allocation": "uniform", "target": "local"},
     # auto, then healing for the time the compression left of the budget (the lever that bought the
     # most quality per minute; more refinement epochs cost the chat)
-    "best": {
-        "allocation": "adaptive",
-        "scoring": "direction",
-        "target": "local",
-        "refine_epochs": 2,
-        "time_budget": 60.0,
-    },
+    "best": {**AUTO, "time_budget": 60.0},
 }
 
 
