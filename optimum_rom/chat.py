@@ -251,9 +251,13 @@ def weights_identity(model) -> str:
     return digest.hexdigest()
 
 
-def files_identity(directory: str | Path) -> str:
-    """A digest of a model directory's weight files (resolved path, names, sizes, modification times)."""
-    directory = Path(directory).resolve()
-    files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
+def files_identity(source: str | Path) -> str:
+    """A digest of a model's weight files, a directory's or one ``.gguf`` (resolved path, names,
+    sizes, modification times)."""
+    source = Path(source).resolve()
+    if source.is_file():
+        files = [source]
+    else:
+        files = sorted(p for p in source.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
     stats = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    return hashlib.sha256(json.dumps([str(directory), stats]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([str(source), stats]).encode()).hexdigest()

@@ -145,6 +145,8 @@ class LowRankOptimizer(OptimumQuantizer):
         if model is None and source is None:
             raise ValueError("LowRankOptimizer needs a model or a source directory")
         self._model = model
+        # the model in memory is the source's weights as they are on disk (answer-cache identity)
+        self._holds_source = model is None or source is not None
         self.tokenizer = tokenizer
         self.source = source
         self.dtype = dtype
@@ -177,6 +179,7 @@ class LowRankOptimizer(OptimumQuantizer):
     @model.setter
     def model(self, model: PreTrainedModel) -> None:
         self._model = model
+        self._holds_source = False
 
     def compress(
         self,
@@ -236,6 +239,7 @@ class LowRankOptimizer(OptimumQuantizer):
             teacher = copy.deepcopy(model)  # the dense model, before it is compressed in place
         before = (count_parameters(model), decoder_linear_parameters(model))
         self._apply(job, model, plan)
+        self._holds_source = job.streamed  # an in-memory model was compressed in place
         seconds = time.perf_counter() - started
         healing = self._heal(job, spec, teacher)
         self.report = CompressionReport(
@@ -431,6 +435,13 @@ class LowRankOptimizer(OptimumQuantizer):
             source = replace(source, max_new_tokens=min(source.max_new_tokens, longest))
         return source
 
+    def _dense_identity(self) -> str:
+        """Names the dense weights for the answer cache. The source's files whenever the model in
+        memory is what they hold, so a streamed and an in-memory run of one model share their answers."""
+        if self.source is not None and self._holds_source:
+            return files_identity(self.source)
+        return weights_identity(self._model)
+
     def _calibration_data(
         self,
         config: LowRankConfig,
@@ -447,10 +458,9 @@ class LowRankOptimizer(OptimumQuantizer):
         """
         dense = None
         if isinstance(calibration, ChatCalibration) and calibration.conversations is None:
-            identity = (
-                weights_identity(self._model) if self._model is not None else files_identity(self.source)
+            dense = Answerer(
+                self._dense_identity(), lambda: load_causal_lm(self.source) if streamed else self.model
             )
-            dense = Answerer(identity, lambda: load_causal_lm(self.source) if streamed else self.model)
         seed, options = config.seed, (text_field, dense, progress)
         data = load_calibration(
             calibration, self.tokenizer, config.num_samples, config.seq_len, seed, *options

@@ -85,6 +85,32 @@ def test_self_calibration_answers_once_then_reads_the_cache(chat_tokenizer):
     assert len(loads) == 1 and data.input_ids.shape == (4, 24)
 
 
+def test_a_streamed_and_an_in_memory_run_of_one_model_share_its_answers(
+    model_dir, chat_tokenizer, tmp_path, monkeypatch
+):
+    from optimum_rom import chat
+
+    source = model_dir("llama", with_tokenizer=chat_tokenizer)
+    answered = []
+    generate = chat.generate_tokens
+    monkeypatch.setattr(
+        chat,
+        "generate_tokens",
+        lambda m, t, prompts, *a, **k: answered.append(len(prompts)) or generate(m, t, prompts, *a, **k),
+    )
+    calibration = ChatCalibration(prompts=PROMPTS, max_new_tokens=8, text_share=0.0)
+    config = RomConfig(params_ratio=0.8, num_samples=4, seq_len=24)
+
+    streamed = LowRankOptimizer.from_pretrained(source)
+    streamed.compress(config, calibration=calibration, save_dir=tmp_path / "streamed", progress=False)
+    in_memory = LowRankOptimizer.from_pretrained(source)
+    assert in_memory.model.num_parameters() > 0  # loading the model first selects the in-memory path
+    in_memory.compress(config, calibration=calibration, save_dir=tmp_path / "in-memory", progress=False)
+
+    assert streamed.report.streamed and not in_memory.report.streamed
+    assert len(answered) == 1  # one generation: the second run read the first one's answers
+
+
 def test_an_interrupted_generation_keeps_the_answers_it_finished(chat_tokenizer, monkeypatch):
     from optimum_rom import chat
 
