@@ -239,7 +239,7 @@ class LowRankOptimizer(OptimumQuantizer):
             teacher = copy.deepcopy(model)  # the dense model, before it is compressed in place
         before = (count_parameters(model), decoder_linear_parameters(model))
         self._apply(job, model, plan)
-        self._holds_source = job.streamed  # an in-memory model was compressed in place
+        self._holds_source = False  # the model is the compressed one now, in memory or reloaded
         seconds = time.perf_counter() - started
         healing = self._heal(job, spec, teacher)
         self.report = CompressionReport(
