@@ -22,6 +22,8 @@ a walk's chunk (``step.batch_size``), which bounds the activations autograd keep
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .calibration.walker import BlockStep, call_block
 from .layers import FactorizedLinear
-from .training import Budget, adam, frozen_except, train
+from .training import AdamInBackward, Budget, adam, frozen_except, train
 
 BATCH_TOKENS = 1024
 
@@ -74,14 +76,12 @@ def refine_block(
             return F.mse_loss(outputs, targets[validation]).item() / scale
 
     best_error, best_is_current = validation_error(), True
-    optimizer = adam(parameters, lr=lr)
     per_epoch = -(-len(train_rows) // batch)
-    clip, after_step = None, None
-    if schedule == "cosine":
-        steps = epochs * per_epoch
-        scheduler = get_cosine_schedule_with_warmup(optimizer, steps // 10, steps)
-        clip, after_step = 1.0, lambda *_: scheduler.step()
-    with BestParameters(parameters) as best, frozen_except(step.block, parameters):
+    with (
+        BestParameters(parameters) as best,
+        frozen_except(step.block, parameters),
+        _optimizer(parameters, lr, schedule, epochs * per_epoch) as (optimizer, clip, after_step),
+    ):
         for epoch in range(epochs):
             order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed + epoch))
             shuffled = train_rows[order]
@@ -109,6 +109,24 @@ def refine_block(
         if not best_is_current:
             best.restore()
     return best_error
+
+
+@contextmanager
+def _optimizer(
+    parameters: list[torch.nn.Parameter], lr: float, schedule: str, steps: int
+) -> Iterator[tuple[torch.optim.Optimizer | AdamInBackward, float | None, Callable | None]]:
+    """Adam and what :func:`train` needs of the schedule: ``(optimizer, clip, after_step)``.
+
+    A constant rate steps each factor during the backward, so the block's gradients never exist
+    all at once; the cosine schedule's clipping needs every gradient first.
+    """
+    if schedule == "cosine":
+        optimizer = adam(parameters, lr=lr)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, steps // 10, steps)
+        yield optimizer, 1.0, lambda *_: scheduler.step()
+    else:
+        with AdamInBackward(parameters, lr=lr) as optimizer:
+            yield optimizer, None, None
 
 
 class BestParameters:

@@ -16,6 +16,7 @@ from optimum_rom.passes import rom as rom_pass
 from optimum_rom.passes.rom import plan_rom, rom_factorize, run_rom
 from optimum_rom.refinement import refine_block
 from optimum_rom.structure import count_parameters, find_linear_sites
+from optimum_rom.training import AdamInBackward, Budget, adam, train
 
 from .conftest import ARCHITECTURES, tiny_model
 
@@ -289,6 +290,28 @@ def test_refinement_that_only_hurts_leaves_the_block_as_it_was():
     assert not layer.up.weight.is_contiguous()
     for name, p in layer.named_parameters():
         assert torch.equal(p, before[name]), name
+
+
+def test_adam_in_the_backward_trains_exactly_like_adam_after_it():
+    """Refinement's optimizer steps each parameter as soon as its gradient is complete (and frees
+    it): the same model, to the bit, as one Adam step over all parameters after the backward; tied
+    embeddings (one parameter, two uses) included."""
+    ids = torch.randint(0, 500, (4, 16), generator=torch.Generator().manual_seed(0))
+
+    def trained(in_backward: bool):
+        model = tiny_model("llama")
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+        loss_at = lambda step: model(ids, labels=ids).loss  # noqa: E731
+        if in_backward:
+            with AdamInBackward(model.parameters(), lr=1e-2) as optimizer:
+                return train(optimizer, loss_at, Budget(steps=3)), model
+        return train(adam(model.parameters(), lr=1e-2), loss_at, Budget(steps=3)), model
+
+    (losses, after), (in_backward_losses, in_backward) = trained(False), trained(True)
+    assert losses == in_backward_losses and losses[-1] < losses[0]
+    assert all(torch.equal(p, q) for p, q in zip(after.parameters(), in_backward.parameters(), strict=True))
+    assert all(p.grad is None for p in in_backward.parameters())  # every gradient freed once used
 
 
 @pytest.mark.parametrize("refine_target", ["local", "dense"])
