@@ -365,7 +365,9 @@ class LowRankOptimizer(OptimumQuantizer):
                 job.lazy, self.tokenizer, job.config, plan, job.data, job.method.apply, job.save_dir,
                 job.overwrite, job.progress,
             )  # fmt: skip
-            self._model = AutoModelForCausalLM.from_pretrained(path)
+            # in the checkpoint's dtype, as an in-memory run returns it: in float32 a bfloat16 7B
+            # model would be materialized whole (~22 GB), where its own dtype stays memory-mapped
+            self._model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
             return
         dtype = model.dtype  # half-precision weights are compressed in float32, returned in their own dtype
         job.method.apply(

@@ -214,11 +214,12 @@ def test_half_precision_weights_are_computed_in_float32_and_saved_as_they_were(
     dense = model_dir("llama")
     AutoModelForCausalLM.from_pretrained(dense, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
     (dense / "tokenizer.json").rename(tmp_path / "bf16" / "tokenizer.json")
-    LowRankOptimizer.from_pretrained(tmp_path / "bf16").compress(
+    compressed = LowRankOptimizer.from_pretrained(tmp_path / "bf16").compress(
         RomConfig(**CONFIG), calibration=calibration_file, save_dir=tmp_path / "out", progress=False
     )
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as weights:
         assert weights.get_tensor("model.layers.0.self_attn.q_proj.down.weight").dtype == torch.bfloat16
+    assert compressed.dtype == torch.bfloat16  # returned as saved, not converted (a whole float32 copy)
 
 
 def test_quantized_or_integer_checkpoints_are_refused(model_dir, calibration_file, tmp_path):
