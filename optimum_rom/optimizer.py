@@ -145,8 +145,8 @@ class LowRankOptimizer(OptimumQuantizer):
         if model is None and source is None:
             raise ValueError("LowRankOptimizer needs a model or a source directory")
         self._model = model
-        # the model in memory is the source's weights as they are on disk (answer-cache identity)
-        self._holds_source = model is None or source is not None
+        # the model in memory (or loaded later) is the source's weights as on disk (answer-cache identity)
+        self._holds_source = source is not None
         self.tokenizer = tokenizer
         self.source = source
         self.dtype = dtype
