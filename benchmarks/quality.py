@@ -112,6 +112,10 @@ METHODS: dict[str, Method] = {
     **{f"rom-auto-refine{epochs}": Method(_auto(refine_epochs=epochs)) for epochs in (8, 25)},
     "rom-auto-cosine": Method(_auto(refine_schedule="cosine")),
     "rom-auto-block": Method(_auto(refine_params="block")),
+    # the same levers on the chat models' default calibration, beside rom-auto-mix50
+    "rom-auto-mix50-refine8": Method(_auto(refine_epochs=8), _chat(0.5)),
+    "rom-auto-mix50-cosine": Method(_auto(refine_schedule="cosine"), _chat(0.5)),
+    "rom-auto-mix50-block": Method(_auto(refine_params="block"), _chat(0.5)),
     # refinement towards the dense model's own stream (AA-SVD's anchor) instead of the dense block's outputs
     "rom-auto-anchored": Method(_auto(refine_target="dense")),
     "rom-auto-mix50-anchored": Method(_auto(refine_target="dense"), _chat(0.5)),
@@ -125,6 +129,7 @@ METHODS: dict[str, Method] = {
     "rom-auto-mix50-matrix-fisher": Method(_auto(scoring="matrix", metric="fisher"), _chat(0.5)),
     # --preset best: auto, then healing for what is left of a 20- or 60-minute budget
     **{f"rom-best{minutes}": Method(_best(minutes)) for minutes in (20, 60)},
+    **{f"rom-best{minutes}-mix50": Method(_best(minutes), _chat(0.5)) for minutes in (20, 60)},
     "rom-auto-refine8-cosine-block": Method(
         _auto(refine_epochs=8, refine_schedule="cosine", refine_params="block")
     ),
