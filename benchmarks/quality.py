@@ -127,6 +127,9 @@ METHODS: dict[str, Method] = {
     "rom-auto-matrix-fisher": Method(_auto(scoring="matrix", metric="fisher")),
     "rom-auto-mix50-fisher": Method(_auto(metric="fisher"), _chat(0.5)),
     "rom-auto-mix50-matrix-fisher": Method(_auto(scoring="matrix", metric="fisher"), _chat(0.5)),
+    # the features' own directions kept by variance x gradient energy instead of variance, beside the above
+    "rom-auto-scored": Method(_auto(metric="scored")),
+    "rom-auto-mix50-scored": Method(_auto(metric="scored"), _chat(0.5)),
     # --preset best: auto, then healing for what is left of a 20- or 60-minute budget
     **{f"rom-best{minutes}": Method(_best(minutes)) for minutes in (20, 60)},
     **{f"rom-best{minutes}-mix50": Method(_best(minutes), _chat(0.5)) for minutes in (20, 60)},

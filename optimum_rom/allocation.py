@@ -32,7 +32,7 @@ class RankPlan:
     kept_params: int
     budget: float  # per-matrix parameter budget k (the largest one for non-uniform plans)
     blocks: list[int]
-    # the directory of the measured loss-gradient covariances a Fisher-metric ROM fits with
+    # the directory of the measured loss-gradient covariances a Fisher-metric or scored ROM fits with
     # (optimum_rom.calibration.gradients.covariance_file), kept until the plan is applied
     fisher: str | None = None
 

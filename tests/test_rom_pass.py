@@ -131,6 +131,37 @@ def test_a_fisher_metric_factorization_minimizes_the_loss_weighted_error(site):
     torch.testing.assert_close(undamped(x), plain(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("site", ["input", "output"])
+def test_a_scored_factorization_keeps_the_principal_directions_the_loss_feels_most(site):
+    """Ranked by variance times gradient energy, the kept eigenvectors leave the least
+    loss-weighted error any choice of them can (the sum of the dropped scores), below what the
+    top-variance choice leaves; with an isotropic gradient it is the plain PCA."""
+    torch.manual_seed(0)
+    x, linear, rank = features(), nn.Linear(48, 32), 6
+    outputs = (linear(x) - linear.bias).detach().double()
+    generator = torch.Generator().manual_seed(1)
+    mixing = torch.linalg.qr(torch.randn(32, 32, generator=generator, dtype=torch.float64))[0]
+    gradient_covariance = mixing @ torch.diag(torch.logspace(0, -3, 32, dtype=torch.float64)) @ mixing.T
+    moments = Moments(48 if site == "input" else 32)
+    moments.update(x if site == "input" else outputs)
+    stats = LinearStatistics(site, moments)
+
+    def weighted_error(layer):
+        error = (layer(x) - linear(x)).detach().double()
+        return torch.einsum("ni,ij,nj->", error, gradient_covariance, error).item() / len(x)
+
+    scored = rom_factorize(linear, stats, rank, gradient=gradient_covariance)
+    plain = rom_factorize(linear, stats, rank)
+    centred = outputs - outputs.mean(0)
+    variances, directions = torch.linalg.eigh(centred.T @ centred / len(x))
+    scores = variances * torch.einsum("ij,ik,kj->j", directions, gradient_covariance, directions)
+    dropped = scores.sort().values[: len(scores) - rank].sum().item()
+    assert weighted_error(scored) == pytest.approx(dropped, rel=1e-3)
+    assert weighted_error(scored) < 0.95 * weighted_error(plain)
+    isotropic = rom_factorize(linear, stats, rank, gradient=torch.eye(32, dtype=torch.float64))
+    torch.testing.assert_close(isotropic(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
 def test_walker_feeds_each_block_the_output_of_the_modified_block_before_it():
     model = tiny_model("llama")
     ids = torch.randint(0, 500, (4, 16))
@@ -380,6 +411,7 @@ def test_new_options_are_validated():
         dict(refine_epochs=1, refine_target="dense"),
         dict(allocation="adaptive", target="dense"),
         dict(allocation="adaptive", metric="fisher", refine_epochs=1),
+        dict(allocation="adaptive", scoring="direction", metric="scored"),
     ],
 )
 def test_error_correcting_and_refined_compression_end_to_end(options, model_dir, calibration_file, tmp_path):

@@ -45,6 +45,7 @@ AUTO = {"allocation": "adaptive", "scoring": "direction", "refine_epochs": 1}
         ("llama", None, {**AUTO, "refine_params": "block", "refine_schedule": "cosine"}),
         ("llama", None, {**AUTO, "scoring": "matrix"}),
         ("qwen2", None, {**AUTO, "metric": "fisher"}),
+        ("llama", None, {**AUTO, "metric": "scored"}),
     ],
 )
 def test_streamed_and_in_memory_compression_give_the_same_model(

@@ -14,7 +14,9 @@ Per direction (``scoring="direction"``), the gradient is not taken as isotropic:
 The budget then follows where the loss is sensitive inside a matrix, not only between matrices:
 the allocation-level form of ZS-SVD's per-direction scores (it scores singular directions of the
 weights; ROM drops principal directions of the outputs). ROM still keeps each matrix's top-``r``
-by variance, so the curve sums ``lambda_i * w_i`` in that order.
+by variance, so the curve sums ``lambda_i * w_i`` in that order, unless the factorization keeps
+the directions of largest ``lambda_i * w_i`` (``ranked``, the scored metric): then the curve sums
+them from the smallest.
 
 The gradient weights are what matter: the spectrum alone (no gradient) allocates worse than
 uniform ranks (README). Weighted, it keeps early and value/key projections dense, where errors
@@ -47,6 +49,7 @@ def measure_damage(
     scratch: Path | None = None,
     scoring: str = "matrix",
     covariances: Path | None = None,
+    ranked: bool = False,
     precision: str = "float32",
     dtype: torch.dtype = torch.float64,
 ) -> dict[str, torch.Tensor]:
@@ -59,7 +62,8 @@ def measure_damage(
     ``scratch`` is where the kept inputs (and, per direction, the output bases) go (default: the
     system's temporary directory). ``scoring``: ``"matrix"`` or ``"direction"`` (see the module).
     With ``covariances`` (a directory), the gradient covariances at every linear's output are kept
-    there too, for a Fisher-metric factorization (``RomConfig(metric="fisher")``). ``precision``:
+    there too, for a Fisher-metric or scored factorization (``RomConfig(metric=...)``). ``ranked``:
+    each linear keeps its directions of largest damage, not of largest variance. ``precision``:
     of the forward walk's block forwards (see optimum_rom.precision); the backward is float32.
     ``dtype``: what the spectra are computed in (see ``LinearStatistics``).
     """
@@ -82,6 +86,8 @@ def measure_damage(
     damage = {}
     for site in sites:
         dropped = spectra[site.name] * squared[site.name]  # what dropping each direction costs
+        if ranked:
+            dropped = dropped.sort(descending=True).values
         damage[site.name] = torch.cat([dropped.flip(0).cumsum(0).flip(0), dropped.new_zeros(1)])
     return damage
 

@@ -166,14 +166,28 @@ class LinearStatistics:
         return self._roots[center]
 
     def principal_output_basis(
-        self, weight: torch.Tensor, rank: int, center: bool, root: torch.Tensor | None = None
+        self,
+        weight: torch.Tensor,
+        rank: int,
+        center: bool,
+        root: torch.Tensor | None = None,
+        gradient: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Top-``rank`` eigenvectors (out x rank, float32 or float64: see the class) of the
         covariance of ``W x`` (of ``R^T W x`` with a metric's ``root`` ``R``).
 
         ``Cov(W x) = F F^T`` with ``F = W L`` and ``Cov(x) = L L^T``, so they are the top left
         singular vectors of the thin ``F``; an output-side measurement gives the covariance directly.
+        With the loss gradient's covariance ``gradient`` (``G``) at the output, the ``rank``
+        eigenvectors of largest ``lambda_i u_i^T G u_i`` instead: dropping the others costs the
+        loss ``E[e^T G e] = sum lambda_i u_i^T G u_i`` over them (the error is a sum of uncorrelated
+        components along the dropped eigenvectors), the least any choice among them can.
         """
+        if gradient is not None:
+            values, vectors = self.output_eigenpairs(weight, center)
+            energy = ((gradient.to(vectors.dtype) @ vectors) * vectors).sum(0).double()
+            kept = (values * energy).topk(rank).indices
+            return vectors[:, kept]
         dtype = self._dtype(center)
         weight = weight.to(dtype)
         if self.site == "output":

@@ -88,8 +88,9 @@ ROM = (
         "features",
         "rom: the error each factorization minimizes: of its output features (features, the paper), or "
         "weighted by the loss gradients' covariance at its output (fisher; needs --allocation adaptive, "
-        "which measures the gradients)",
-        choices=("features", "fisher"),
+        "which measures the gradients), or that weighted error over the features' own principal "
+        "directions: each keeps the ones whose variance times gradient energy is largest (scored)",
+        choices=("features", "fisher", "scored"),
     ),
     Option(
         "fisher_damping",

@@ -45,7 +45,12 @@ class RomConfig(LowRankConfig):
             squared error of its output features. ``"fisher"``: that error weighted by the
             covariance ``G`` of the loss gradient at the output, the second-order estimate of what
             the error costs the loss, so directions the loss does not feel are dropped first
-            (needs ``allocation="adaptive"``, whose gradient pass measures ``G``).
+            (needs ``allocation="adaptive"``, whose gradient pass measures ``G``). ``"scored"``:
+            the same weighted error, minimized over the features' own principal directions: a
+            linear keeps the ``r`` whose variance times gradient energy ``lambda_i u_i^T G u_i`` is
+            largest (the expected loss increase of dropping each, which adds up exactly over them)
+            instead of the ``r`` of largest variance, and the allocation ranks them so too. No
+            rotation, no damping: the kept directions are ones the features have.
         fisher_damping: for ``"fisher"``: the metric is ``(1 - d) G / mean(diag G) + d I``. ``G``
             comes from a few thousand tokens and has small eigenvalues it cannot trust; ``d = 1``
             is the plain feature metric.
@@ -143,14 +148,14 @@ class RomConfig(LowRankConfig):
         ):
             if getattr(self, field) not in choices(field):
                 raise ValueError(f"{field} must be one of {choices(field)}, got {getattr(self, field)!r}")
-        if self.metric == "fisher" and self.allocation != "adaptive":
+        if self.metric != "features" and self.allocation != "adaptive":
             raise ValueError(
-                "metric='fisher' weights each fit by the loss gradients that allocation='adaptive' "
+                f"metric={self.metric!r} weights each fit by the loss gradients that allocation='adaptive' "
                 f"measures; with allocation={self.allocation!r} there are none (CLI: --allocation adaptive, "
                 "or --preset auto)"
             )
-        if self.metric == "fisher" and self.target != "local":
-            raise ValueError("metric='fisher' weights the local fits; it needs target='local'")
+        if self.metric != "features" and self.target != "local":
+            raise ValueError(f"metric={self.metric!r} weights the local fits; it needs target='local'")
         damping = self.fisher_damping
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 < damping <= 1:
             raise ValueError(f"fisher_damping must be a number in (0, 1], got {damping!r}")

@@ -15,6 +15,8 @@ With the Fisher metric (``metric="fisher"``) the error is measured as the loss f
 ``G = R R^T`` the (damped) covariance of the loss gradient at the output, the expected loss
 increase of an output error ``e`` is ``E[e^T G e]`` to second order, minimized by the same PCA
 done on ``R^T W x``: ``V`` its top eigenvectors, ``down = V^T R^T W``, ``up = R^-T V``.
+With the scored metric (``metric="scored"``) the basis stays the features' own eigenvectors and
+the kept ones are those whose dropping would cost the most, ``lambda_i u_i^T G u_i``.
 """
 
 from __future__ import annotations
@@ -51,17 +53,18 @@ def plan_rom(
 
     ``"adaptive"`` measures every linear's damage curve on ``data`` first (a dense pass, block by
     block, reading each block from ``weights`` if the model is on the meta device; see
-    optimum_rom.calibration.sensitivity); the other modes need no data. With the Fisher metric the
-    measured gradient covariances are kept in ``scratch`` for :func:`run_rom` (the plan names them).
+    optimum_rom.calibration.sensitivity); the other modes need no data. With the Fisher or scored
+    metric the measured gradient covariances are kept in ``scratch`` for :func:`run_rom` (the plan
+    names them).
     """
     if config.allocation == "adaptive":
         if data is None:
             raise ValueError("allocation='adaptive' measures the model on calibration data: pass data")
         covariances = None
-        if config.metric == "fisher":
+        if config.metric != "features":
             if scratch is None:
                 raise ValueError(
-                    "metric='fisher' keeps the measured gradient covariances on disk: pass scratch"
+                    f"metric={config.metric!r} keeps the measured gradient covariances on disk: pass scratch"
                 )
             covariances = Path(scratch) / "gradient-covariances"
             covariances.mkdir(parents=True, exist_ok=True)
@@ -76,6 +79,7 @@ def plan_rom(
             scratch,
             scoring=config.scoring,
             covariances=covariances,
+            ranked=config.metric == "scored",
             precision=config.calibration_precision,
             dtype=factorization_dtype(config.factorization_precision),
         )
@@ -129,18 +133,23 @@ def run_rom(
             precision=config.calibration_precision,
         ):
             if step.index in by_block:
-                metrics = _fisher_roots(plan, step.index, config) if plan.fisher else {}
-                _compress_block(model, step, by_block[step.index], config, metrics)
+                _compress_block(
+                    model, step, by_block[step.index], config, _gradient_metrics(plan, step.index, config)
+                )
     return plan
 
 
-def _fisher_roots(plan: RankPlan, block: int, config: RomConfig) -> dict[str, torch.Tensor]:
-    """The metric roots ``R`` of a block's factorizations, from the plan's measured covariances."""
-    roots = {
-        name: fisher_root(covariance, config.fisher_damping)
-        for name, covariance in load_covariances(plan.fisher, block).items()
-    }
-    return {name: root for name, root in roots.items() if root is not None}
+def _gradient_metrics(plan: RankPlan, block: int, config: RomConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """What each of a block's factorizations weights its error by, from the plan's measured gradient
+    covariances: the Fisher metric's root ``R`` (``{"root": R}``), or the covariance ``G`` itself
+    that the scored metric ranks directions by (``{"gradient": G}``); none for the feature metric."""
+    if not plan.fisher:
+        return {}
+    covariances = load_covariances(plan.fisher, block)
+    if config.metric == "scored":
+        return {name: {"gradient": covariance} for name, covariance in covariances.items()}
+    roots = {name: fisher_root(covariance, config.fisher_damping) for name, covariance in covariances.items()}
+    return {name: {"root": root} for name, root in roots.items() if root is not None}
 
 
 def _compress_block(
@@ -148,7 +157,7 @@ def _compress_block(
     step: BlockStep,
     ranks: dict[str, int],
     config: RomConfig,
-    metrics: dict[str, torch.Tensor],
+    metrics: dict[str, dict[str, torch.Tensor]],
 ) -> None:
     """Factorize one block's linears. A function of its own so that the dense weights and the
     statistics are freed when it returns, before the walker runs the compressed block."""
@@ -167,7 +176,7 @@ def _compress_block(
     )
     for name, rank in ranks.items():  # popped: each dense weight and group's statistics go once used
         factorized = rom_factorize(
-            linears.pop(name), stats.pop(name), rank, config.center, root=metrics.get(name)
+            linears.pop(name), stats.pop(name), rank, config.center, **metrics.get(name, {})
         )
         set_module(model, name, factorized)
     if targets is not None:
@@ -202,11 +211,14 @@ def rom_factorize(
     center: bool = True,
     ridge: float = 1e-3,
     root: torch.Tensor | None = None,
+    gradient: torch.Tensor | None = None,
 ) -> FactorizedLinear:
     """Replace one linear by its rank-``rank`` ROM factorization.
 
     With a metric ``root`` ``R`` (lower triangular, see linalg.fisher_root) the output error is
-    minimized in the metric ``R R^T`` instead of the plain one. With paired statistics
+    minimized in the metric ``R R^T`` instead of the plain one. With the output's loss-gradient
+    covariance ``gradient``, the kept principal directions are ranked by the loss they carry
+    (see ``LinearStatistics.principal_output_basis``). With paired statistics
     (error-correcting targets) the factorization instead fits the dense model's outputs ``W z + b``
     from the compressed model's inputs ``x`` (see corrected_factors).
     """
@@ -215,7 +227,7 @@ def rom_factorize(
     if stats.site == "paired":
         down, up, bias = corrected_factors(weight.double(), bias, stats.moments, rank, ridge)
     else:
-        basis = stats.principal_output_basis(weight, rank, center, root)
+        basis = stats.principal_output_basis(weight, rank, center, root, gradient)
         weight = weight.to(basis.dtype)  # the factors' arithmetic (see LinearStatistics); the bias float64
         # the projection is up @ reads^T: V V^T, or R^-T V V^T R^T in the metric
         if root is None:
