@@ -74,9 +74,9 @@ def _uniform(**options) -> Callable[..., LowRankConfig]:
     return lambda ratio, **calib: RomConfig(params_ratio=ratio, allocation="uniform", **options, **calib)
 
 
-def _best(minutes: float) -> Callable[..., LowRankConfig]:
+def _best(minutes: float, **options) -> Callable[..., LowRankConfig]:
     return lambda ratio, **calib: RomConfig.from_preset(
-        "best", params_ratio=ratio, time_budget=minutes, **calib
+        "best", params_ratio=ratio, time_budget=minutes, **options, **calib
     )
 
 
@@ -133,6 +133,8 @@ METHODS: dict[str, Method] = {
     # --preset best: auto, then healing for what is left of a 20- or 60-minute budget
     **{f"rom-best{minutes}": Method(_best(minutes)) for minutes in (20, 60)},
     **{f"rom-best{minutes}-mix50": Method(_best(minutes), _chat(0.5)) for minutes in (20, 60)},
+    # part of the budget spent on 8 refinement epochs instead of healing
+    "rom-best20-mix50-refine8": Method(_best(20, refine_epochs=8), _chat(0.5)),
     "rom-auto-refine8-cosine-block": Method(
         _auto(refine_epochs=8, refine_schedule="cosine", refine_params="block")
     ),
