@@ -100,33 +100,42 @@ def test_rom_beats_plain_svd_of_the_weight_on_the_calibration_data():
     assert rom_error < 0.5 * svd_error
 
 
+def gradient_weighted_case(site: str):
+    """A linear, its calibration features ``x`` and statistics measured at ``site``, the covariance of
+    its outputs, and a loss-gradient covariance at its output whose directions do not line up with
+    the features' (a random rotation)."""
+    torch.manual_seed(0)
+    x, linear = features(), nn.Linear(48, 32)
+    outputs = (linear(x) - linear.bias).detach().double()
+    generator = torch.Generator().manual_seed(1)
+    mixing = torch.linalg.qr(torch.randn(32, 32, generator=generator, dtype=torch.float64))[0]
+    gradient_covariance = mixing @ torch.diag(torch.logspace(0, -3, 32, dtype=torch.float64)) @ mixing.T
+    moments = Moments(48 if site == "input" else 32)
+    moments.update(x if site == "input" else outputs)
+    centred = outputs - outputs.mean(0)
+    return x, linear, LinearStatistics(site, moments), centred.T @ centred / len(x), gradient_covariance
+
+
+def weighted_error(layer: nn.Module, linear: nn.Linear, x: torch.Tensor, metric: torch.Tensor) -> float:
+    """``E[e^T M e]`` of the error ``e`` of ``layer`` against ``linear`` on ``x``."""
+    error = (layer(x) - linear(x)).detach().double()
+    return torch.einsum("ni,ij,nj->", error, metric, error).item() / len(x)
+
+
 @pytest.mark.parametrize("site", ["input", "output"])
 def test_a_fisher_metric_factorization_minimizes_the_loss_weighted_error(site):
     """With the loss gradients' covariance as the metric, the kept directions are the ones the loss
     feels: the weighted error is the tail of the weighted spectrum, well below what the plain PCA
     leaves, and full damping is the plain PCA."""
-    torch.manual_seed(0)
-    x, linear, rank = features(), nn.Linear(48, 32), 6
-    outputs = (linear(x) - linear.bias).detach().double()
-    generator = torch.Generator().manual_seed(1)
-    mixing = torch.linalg.qr(torch.randn(32, 32, generator=generator, dtype=torch.float64))[0]
-    gradient_covariance = mixing @ torch.diag(torch.logspace(0, -3, 32, dtype=torch.float64)) @ mixing.T
-    root = fisher_root(gradient_covariance, damping=0.1)
+    x, linear, stats, output_covariance, gradient_covariance = gradient_weighted_case(site)
+    rank, root = 6, fisher_root(gradient_covariance, damping=0.1)
     metric = root @ root.T
-    moments = Moments(48 if site == "input" else 32)
-    moments.update(x if site == "input" else outputs)
-    stats = LinearStatistics(site, moments)
-
-    def weighted_error(layer):
-        error = (layer(x) - linear(x)).detach().double()
-        return torch.einsum("ni,ij,nj->", error, metric, error).item() / len(x)
-
     fisher = rom_factorize(linear, stats, rank, root=root)
     plain = rom_factorize(linear, stats, rank)
-    centred = outputs - outputs.mean(0)
-    weighted_spectrum = torch.linalg.eigvalsh(root.T @ (centred.T @ centred / len(x)) @ root).flip(0)
-    assert weighted_error(fisher) == pytest.approx(weighted_spectrum[rank:].sum().item(), rel=1e-3)
-    assert weighted_error(fisher) < 0.8 * weighted_error(plain)
+    weighted_spectrum = torch.linalg.eigvalsh(root.T @ output_covariance @ root).flip(0)
+    error = weighted_error(fisher, linear, x, metric)
+    assert error == pytest.approx(weighted_spectrum[rank:].sum().item(), rel=1e-3)
+    assert error < 0.8 * weighted_error(plain, linear, x, metric)
     undamped = rom_factorize(linear, stats, rank, root=fisher_root(gradient_covariance, damping=1.0))
     torch.testing.assert_close(undamped(x), plain(x), atol=1e-5, rtol=1e-5)
 
@@ -136,28 +145,15 @@ def test_a_scored_factorization_keeps_the_principal_directions_the_loss_feels_mo
     """Ranked by variance times gradient energy, the kept eigenvectors leave the least
     loss-weighted error any choice of them can (the sum of the dropped scores), below what the
     top-variance choice leaves; with an isotropic gradient it is the plain PCA."""
-    torch.manual_seed(0)
-    x, linear, rank = features(), nn.Linear(48, 32), 6
-    outputs = (linear(x) - linear.bias).detach().double()
-    generator = torch.Generator().manual_seed(1)
-    mixing = torch.linalg.qr(torch.randn(32, 32, generator=generator, dtype=torch.float64))[0]
-    gradient_covariance = mixing @ torch.diag(torch.logspace(0, -3, 32, dtype=torch.float64)) @ mixing.T
-    moments = Moments(48 if site == "input" else 32)
-    moments.update(x if site == "input" else outputs)
-    stats = LinearStatistics(site, moments)
-
-    def weighted_error(layer):
-        error = (layer(x) - linear(x)).detach().double()
-        return torch.einsum("ni,ij,nj->", error, gradient_covariance, error).item() / len(x)
-
+    x, linear, stats, output_covariance, gradient_covariance = gradient_weighted_case(site)
+    rank = 6
     scored = rom_factorize(linear, stats, rank, gradient=gradient_covariance)
     plain = rom_factorize(linear, stats, rank)
-    centred = outputs - outputs.mean(0)
-    variances, directions = torch.linalg.eigh(centred.T @ centred / len(x))
+    variances, directions = torch.linalg.eigh(output_covariance)
     scores = variances * torch.einsum("ij,ik,kj->j", directions, gradient_covariance, directions)
-    dropped = scores.sort().values[: len(scores) - rank].sum().item()
-    assert weighted_error(scored) == pytest.approx(dropped, rel=1e-3)
-    assert weighted_error(scored) < 0.95 * weighted_error(plain)
+    error = weighted_error(scored, linear, x, gradient_covariance)
+    assert error == pytest.approx(scores.sort().values[: len(scores) - rank].sum().item(), rel=1e-3)
+    assert error < 0.95 * weighted_error(plain, linear, x, gradient_covariance)
     isotropic = rom_factorize(linear, stats, rank, gradient=torch.eye(32, dtype=torch.float64))
     torch.testing.assert_close(isotropic(x), plain(x), atol=1e-5, rtol=1e-5)
 
