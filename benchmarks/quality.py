@@ -105,6 +105,9 @@ METHODS: dict[str, Method] = {
     "rom-auto-chat-sampled": Method(_auto(), _chat(0.0, sample=True)),
     **{f"rom-auto-mix{share}": Method(_auto(), _chat(share / 100)) for share in (25, 50, 75)},
     **{f"rom-auto-mix{share}-heal15": Method(_auto(15), _chat(share / 100)) for share in (25, 50, 75)},
+    # healing's learning rate decayed over its time (cosine) instead of constant, beside the -heal15 rows
+    "rom-auto-mix50-heal15-cosine": Method(_auto(15, heal_schedule="cosine"), _chat(0.5)),
+    "rom-best60-mix50-cosine": Method(_best(60, heal_schedule="cosine"), _chat(0.5)),
     # healing every parameter of the blocks instead of LoRA adapters
     "rom-auto-heal15-full": Method(_auto(15, heal_params="full")),
     "rom-auto-mix50-heal15-full": Method(_auto(15, heal_params="full"), _chat(0.5)),
@@ -134,7 +137,10 @@ METHODS: dict[str, Method] = {
     **{f"rom-best{minutes}": Method(_best(minutes)) for minutes in (20, 60)},
     **{f"rom-best{minutes}-mix50": Method(_best(minutes), _chat(0.5)) for minutes in (20, 60)},
     # part of the budget spent on 8 refinement epochs instead of healing
-    "rom-best20-mix50-refine8": Method(_best(20, refine_epochs=8), _chat(0.5)),
+    **{
+        f"rom-best{minutes}-mix50-refine8": Method(_best(minutes, refine_epochs=8), _chat(0.5))
+        for minutes in (20, 60)
+    },
     "rom-auto-refine8-cosine-block": Method(
         _auto(refine_epochs=8, refine_schedule="cosine", refine_params="block")
     ),

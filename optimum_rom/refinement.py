@@ -21,17 +21,17 @@ a walk's chunk (``step.batch_size``), which bounds the activations autograd keep
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from transformers import get_cosine_schedule_with_warmup
 
 from .calibration.walker import BlockStep, call_block
 from .layers import FactorizedLinear
-from .training import AdamInBackward, Budget, adam, frozen_except, train
+from .training import AdamInBackward, Budget, adam, frozen_except, set_learning_rate, train, warmup_cosine
 
 BATCH_TOKENS = 1024
 
@@ -121,9 +121,9 @@ def _optimizer(
     all at once; the cosine schedule's clipping needs every gradient first.
     """
     if schedule == "cosine":
-        optimizer = adam(parameters, lr=lr)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, steps // 10, steps)
-        yield optimizer, 1.0, lambda *_: scheduler.step()
+        optimizer = adam(parameters, lr=0.0)  # warmup_cosine(0): the warm-up starts from zero
+        taken = itertools.count(1)
+        yield optimizer, 1.0, lambda *_: set_learning_rate(optimizer, lr * warmup_cosine(next(taken) / steps))
     else:
         with AdamInBackward(parameters, lr=lr) as optimizer:
             yield optimizer, None, None

@@ -13,6 +13,7 @@ torch's autocast, so the weights, the gradients and the optimizer's state stay f
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -39,9 +40,28 @@ class Budget:
             raise ValueError("a training budget needs steps or seconds")
 
     def spent(self, steps: int, seconds: float) -> bool:
-        return (self.steps is not None and steps >= self.steps) or (
-            self.seconds is not None and seconds >= self.seconds
-        )
+        return self.share_spent(steps, seconds) >= 1
+
+    def share_spent(self, steps: int, seconds: float) -> float:
+        """How much of the budget ``steps`` steps in ``seconds`` have used: 1 when it is spent."""
+        shares = [steps / self.steps if self.steps is not None else 0.0]
+        shares.append(seconds / self.seconds if self.seconds is not None else 0.0)
+        return max(shares)
+
+
+def warmup_cosine(spent: float, warmup: float = 0.1) -> float:
+    """The learning rate's factor once ``spent`` (0 to 1) of a budget is used: a linear warm-up over
+    the first ``warmup`` of it, then a cosine decay to zero (AA-SVD's refinement recipe,
+    transformers' ``get_cosine_schedule_with_warmup``). A share of the budget rather than a step
+    count, so a wall-clock budget (healing's, whose steps are not known ahead) follows it too."""
+    if spent < warmup:
+        return spent / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (spent - warmup) / (1 - warmup))))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 @contextmanager

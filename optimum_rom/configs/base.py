@@ -31,6 +31,8 @@ class HealingSpec:
     ``targets`` (LoRA): ``"blocks"`` every linear in the decoder blocks (factors included),
     ``"factors"`` only the factors of factorized linears. ``first_step`` continues a pass's batch sequence.
     ``precision``: of the training steps (see optimum_rom.precision.compute_dtype).
+    ``schedule``: the learning rate, ``"constant"`` or ``"cosine"`` over the budget (see
+    :func:`optimum_rom.training.warmup_cosine`).
     """
 
     minutes: float | None = None
@@ -46,6 +48,7 @@ class HealingSpec:
     gradient_checkpointing: bool = False
     first_step: int = 0
     precision: str = default("training_precision")
+    schedule: str = default("heal_schedule")
 
     @property
     def lr(self) -> float:

@@ -151,6 +151,13 @@ ROM = (
         choices=("lora", "full"),
     ),
     Option(
+        "heal_schedule",
+        "constant",
+        "rom: healing's learning rate: constant, or cosine over the healing time (10%% warm-up, cosine "
+        "decay to zero at the end of the budget)",
+        choices=("constant", "cosine"),
+    ),
+    Option(
         "time_budget",
         0.0,
         "rom: minutes the whole run may take: what compression leaves goes to healing (0 = no budget; "

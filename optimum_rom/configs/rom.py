@@ -98,6 +98,8 @@ class RomConfig(LowRankConfig):
         heal_params: what healing trains: ``"lora"`` adapters (PEFT), merged back, or ``"full"``:
             every parameter of the decoder blocks, which needs 12 more bytes per parameter
             (gradients, Adam's state).
+        heal_schedule: healing's learning rate: ``"constant"``, or ``"cosine"`` over the healing
+            time (10% linear warm-up, cosine decay to zero when the time is up).
         time_budget: minutes the whole ``compress`` call may take (self-calibration, measurement,
             compression, healing): healing gets the time the rest leaves, and is skipped, with a
             warning, when nothing is left (0 = no budget). Exclusive with ``heal_minutes``.
@@ -121,6 +123,7 @@ class RomConfig(LowRankConfig):
     refine_params: str = default("refine_params")
     heal_minutes: float = default("heal_minutes")
     heal_params: str = default("heal_params")
+    heal_schedule: str = default("heal_schedule")
     time_budget: float = default("time_budget")
     heal_distill: bool = default("heal_distill")
     quant_method: str = "rom"
@@ -146,6 +149,7 @@ class RomConfig(LowRankConfig):
             "refine_target",
             "refine_params",
             "heal_params",
+            "heal_schedule",
         ):
             if getattr(self, field) not in choices(field):
                 raise ValueError(f"{field} must be one of {choices(field)}, got {getattr(self, field)!r}")
@@ -188,6 +192,7 @@ class RomConfig(LowRankConfig):
             "distill": self.heal_distill,
             "precision": self.training_precision,
             "trained": self.heal_params,
+            "schedule": self.heal_schedule,
         }
         if self.time_budget:
             return HealingSpec(minutes=self.time_budget, within_budget=True, **shared)
