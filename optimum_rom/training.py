@@ -43,9 +43,12 @@ class Budget:
         return self.share_spent(steps, seconds) >= 1
 
     def share_spent(self, steps: int, seconds: float) -> float:
-        """How much of the budget ``steps`` steps in ``seconds`` have used: 1 when it is spent."""
-        shares = [steps / self.steps if self.steps is not None else 0.0]
-        shares.append(seconds / self.seconds if self.seconds is not None else 0.0)
+        """How much of the budget ``steps`` steps in ``seconds`` have used: 1 when it is spent (a
+        budget of nothing is spent from the start)."""
+        shares = [0.0]
+        for used, limit in ((steps, self.steps), (seconds, self.seconds)):
+            if limit is not None:
+                shares.append(used / limit if limit > 0 else 1.0)
         return max(shares)
 
 
