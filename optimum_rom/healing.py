@@ -40,7 +40,7 @@ from .integrations.peft import merge_adapters
 from .layers import FactorizedLinear
 from .structure import find_blocks
 from .task_data import answer_nll, collate
-from .training import Budget, adam, batch_indices, frozen_except, set_learning_rate, train, warmup_cosine
+from .training import Budget, adam, batch_indices, frozen_except, train, warmup_cosine
 
 
 @dataclass
@@ -142,25 +142,18 @@ def heal(
             targets = lora_targets(model, spec.targets)
             lora = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, target_modules=targets)
             trained = get_peft_model(model, lora)
-        cosine = spec.schedule == "cosine"
-        optimizer = adam([p for p in trained.parameters() if p.requires_grad], lr=0.0 if cosine else spec.lr)
-
-        def after_step(step: int, value: float, optimizer: torch.optim.Optimizer = optimizer) -> None:
-            show(step, value)
-            if cosine:
-                spent = budget.share_spent(step + 1 - spec.first_step, time.perf_counter() - started)
-                set_learning_rate(optimizer, spec.lr * warmup_cosine(spent))
-
+        optimizer = adam([p for p in trained.parameters() if p.requires_grad], lr=spec.lr)
         losses = train(
             optimizer,
             lambda step: loss(trained, step),
             budget,
             clip=1.0,
             first_step=spec.first_step,
-            after_step=after_step,
+            after_step=show,
             precision=spec.precision,
+            schedule=warmup_cosine if spec.schedule == "cosine" else None,
         )
-        del optimizer, after_step  # its state (twice the trained parameters) before the merge allocates
+        del optimizer  # its state (twice the trained parameters) before the merge allocates
         if not full:
             merge_adapters(trained)
     tail = losses[-max(1, len(losses) // 10) :]

@@ -21,9 +21,8 @@ a walk's chunk (``step.batch_size``), which bounds the activations autograd keep
 
 from __future__ import annotations
 
-import itertools
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 
 from .calibration.walker import BlockStep, call_block
 from .layers import FactorizedLinear
-from .training import AdamInBackward, Budget, adam, frozen_except, set_learning_rate, train, warmup_cosine
+from .training import AdamInBackward, Budget, adam, frozen_except, train, warmup_cosine
 
 BATCH_TOKENS = 1024
 
@@ -80,8 +79,9 @@ def refine_block(
     with (
         BestParameters(parameters) as best,
         frozen_except(step.block, parameters),
-        _optimizer(parameters, lr, schedule, epochs * per_epoch) as (optimizer, clip, after_step),
+        _optimizer(parameters, lr, schedule) as optimizer,
     ):
+        cosine = schedule == "cosine"
         for epoch in range(epochs):
             order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed + epoch))
             shuffled = train_rows[order]
@@ -95,9 +95,12 @@ def refine_block(
                 optimizer,
                 loss_at,
                 Budget(steps=per_epoch),
-                clip=clip,
-                after_step=after_step,
+                clip=1.0 if cosine else None,
                 precision=precision,
+                # one schedule over all epochs: this epoch's share of its steps is a part of the whole
+                schedule=(lambda spent, epoch=epoch: warmup_cosine((epoch + spent) / epochs))
+                if cosine
+                else None,
             )
             error = validation_error()
             if error < best_error:
@@ -113,20 +116,18 @@ def refine_block(
 
 @contextmanager
 def _optimizer(
-    parameters: list[torch.nn.Parameter], lr: float, schedule: str, steps: int
-) -> Iterator[tuple[torch.optim.Optimizer | AdamInBackward, float | None, Callable | None]]:
-    """Adam and what :func:`train` needs of the schedule: ``(optimizer, clip, after_step)``.
+    parameters: list[torch.nn.Parameter], lr: float, schedule: str
+) -> Iterator[torch.optim.Optimizer | AdamInBackward]:
+    """Adam for the schedule.
 
     A constant rate steps each factor during the backward, so the block's gradients never exist
-    all at once; the cosine schedule's clipping needs every gradient first.
+    all at once; the cosine schedule (its rates, its clipping) needs every gradient first.
     """
     if schedule == "cosine":
-        optimizer = adam(parameters, lr=0.0)  # warmup_cosine(0): the warm-up starts from zero
-        taken = itertools.count(1)
-        yield optimizer, 1.0, lambda *_: set_learning_rate(optimizer, lr * warmup_cosine(next(taken) / steps))
+        yield adam(parameters, lr=lr)
     else:
         with AdamInBackward(parameters, lr=lr) as optimizer:
-            yield optimizer, None, None
+            yield optimizer
 
 
 class BestParameters:

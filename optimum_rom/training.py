@@ -39,9 +39,6 @@ class Budget:
         if self.steps is None and self.seconds is None:
             raise ValueError("a training budget needs steps or seconds")
 
-    def spent(self, steps: int, seconds: float) -> bool:
-        return self.share_spent(steps, seconds) >= 1
-
     def share_spent(self, steps: int, seconds: float) -> float:
         """How much of the budget ``steps`` steps in ``seconds`` have used: 1 when it is spent (a
         budget of nothing is spent from the start)."""
@@ -60,11 +57,6 @@ def warmup_cosine(spent: float, warmup: float = 0.1) -> float:
     if spent < warmup:
         return spent / warmup
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (spent - warmup) / (1 - warmup))))
-
-
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 @contextmanager
@@ -155,6 +147,7 @@ def train(
     first_step: int = 0,
     after_step: Callable[[int, float], None] | None = None,
     precision: str = "float32",
+    schedule: Callable[[float], float] | None = None,
 ) -> list[float]:
     """Step ``optimizer`` on ``loss_at(step)`` for steps ``first_step, first_step + 1, ...`` until the
     budget is spent; gradients are clipped to norm ``clip`` if given (not with
@@ -164,18 +157,26 @@ def train(
     backward follows it.
 
     ``after_step(step, loss)`` is called after each step (progress bars, logs).
+
+    ``schedule(spent)``: before each step, each parameter group's learning rate is the one it came
+    with times this factor of the share of ``budget`` spent (e.g. :func:`warmup_cosine`); on return
+    the rates are as they came. Not with :class:`AdamInBackward`, whose per-tensor steps keep rates
+    of their own.
     """
-    if clip is not None and isinstance(optimizer, AdamInBackward):
+    if isinstance(optimizer, AdamInBackward) and (clip is not None or schedule is not None):
         raise ValueError(
-            "gradient clipping needs every gradient before the step: use adam(), not AdamInBackward"
+            "gradient clipping and learning-rate schedules need the whole step: use adam(), not AdamInBackward"
         )
+    rates = [group["lr"] for group in optimizer.param_groups]
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     device = parameters[0].device if parameters else torch.device("cpu")
     dtype = compute_dtype(precision, device)
     losses: list[float] = []
-    started = time.perf_counter()
+    started, elapsed = time.perf_counter(), 0.0  # elapsed: at the end of the last step
     with torch.enable_grad():
-        while not budget.spent(len(losses), time.perf_counter() - started):
+        while (spent := budget.share_spent(len(losses), elapsed)) < 1:
+            if schedule is not None:
+                _scale_rates(optimizer, rates, schedule(spent))
             step = first_step + len(losses)
             with autocast(dtype, device):
                 loss = loss_at(step).float()
@@ -187,8 +188,17 @@ def train(
             losses.append(loss.item())
             if after_step is not None:
                 after_step(step, losses[-1])
+            elapsed = time.perf_counter() - started
     optimizer.zero_grad(set_to_none=True)
+    _scale_rates(optimizer, rates, 1.0)
     return losses
+
+
+def _scale_rates(
+    optimizer: torch.optim.Optimizer | AdamInBackward, rates: list[float], factor: float
+) -> None:
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate * factor
 
 
 def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
