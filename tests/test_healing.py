@@ -118,6 +118,16 @@ def test_cosine_healing_warms_up_and_comes_to_rest_when_its_budget_ends(
     assert constant.rates == [1e-3] * 20
 
 
+def test_heal_lr_sets_the_rate_healing_steps_at(model_dir, calibration_file, monkeypatch):
+    rates: list[float] = []
+    monkeypatch.setattr(healing, "adam", lambda params, lr: rates.append(lr) or adam(params, lr=lr))
+    shape = {"params_ratio": 0.7, "num_samples": 16, "seq_len": 32, "heal_minutes": 0.01}
+    for options in ({"heal_lr": 1e-3}, {}, {"heal_params": "full"}):
+        optimizer = LowRankOptimizer.from_pretrained(model_dir("llama"))
+        optimizer.compress(RomConfig(**shape, **options), calibration=calibration_file, progress=False)
+    assert rates == [1e-3, 2e-4, 5e-5]  # what was asked, else the rate measured for what is trained
+
+
 def test_healing_through_the_optimizer_keeps_the_size(model_dir, calibration_file, tmp_path):
     config = RomConfig(params_ratio=0.7, num_samples=16, seq_len=32, heal_minutes=0.05)
     optimizer = LowRankOptimizer.from_pretrained(model_dir("llama"))
@@ -197,5 +207,7 @@ def test_heal_minutes_must_be_positive():
         RomConfig(time_budget=-1)
     with pytest.raises(ValueError, match="both set: choose one"):
         RomConfig.from_preset("best", heal_minutes=15)
+    with pytest.raises(ValueError, match="heal_lr must be a positive number"):
+        RomConfig(heal_lr=0)
     with pytest.raises(ValueError, match="heal_params must be one of"):
         RomConfig(heal_params="adapters")

@@ -158,6 +158,13 @@ ROM = (
         choices=("constant", "cosine"),
     ),
     Option(
+        "heal_lr",
+        None,
+        "rom: healing's (peak) learning rate (default: the one measured for --heal-params: 2e-4 for "
+        "lora, 5e-5 for full)",
+        type=float,
+    ),
+    Option(
         "time_budget",
         0.0,
         "rom: minutes the whole run may take: what compression leaves goes to healing (0 = no budget; "

@@ -100,6 +100,8 @@ class RomConfig(LowRankConfig):
             (gradients, Adam's state).
         heal_schedule: healing's learning rate: ``"constant"``, or ``"cosine"`` over the healing
             time (10% linear warm-up, cosine decay to zero when the time is up).
+        heal_lr: healing's (peak) learning rate; ``None``: the one measured for ``heal_params``
+            (see :attr:`HealingSpec.lr`).
         time_budget: minutes the whole ``compress`` call may take (self-calibration, measurement,
             compression, healing): healing gets the time the rest leaves, and is skipped, with a
             warning, when nothing is left (0 = no budget). Exclusive with ``heal_minutes``.
@@ -124,6 +126,7 @@ class RomConfig(LowRankConfig):
     heal_minutes: float = default("heal_minutes")
     heal_params: str = default("heal_params")
     heal_schedule: str = default("heal_schedule")
+    heal_lr: float | None = default("heal_lr")
     time_budget: float = default("time_budget")
     heal_distill: bool = default("heal_distill")
     quant_method: str = "rom"
@@ -168,6 +171,12 @@ class RomConfig(LowRankConfig):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{field} must be a non-negative number of minutes, got {value!r}")
+        if self.heal_lr is not None and (
+            isinstance(self.heal_lr, bool)
+            or not isinstance(self.heal_lr, (int, float))
+            or not self.heal_lr > 0
+        ):
+            raise ValueError(f"heal_lr must be a positive number or None, got {self.heal_lr!r}")
         if self.heal_minutes and self.time_budget:
             raise ValueError(
                 "heal_minutes and time_budget are both set: choose one (time_budget heals for the time "
@@ -193,6 +202,7 @@ class RomConfig(LowRankConfig):
             "precision": self.training_precision,
             "trained": self.heal_params,
             "schedule": self.heal_schedule,
+            "learning_rate": self.heal_lr,
         }
         if self.time_budget:
             return HealingSpec(minutes=self.time_budget, within_budget=True, **shared)
