@@ -107,11 +107,8 @@ METHODS: dict[str, Method] = {
     **{f"rom-auto-mix{share}-heal15": Method(_auto(15), _chat(share / 100)) for share in (25, 50, 75)},
     # healing's learning rate decayed over its time (cosine) instead of constant, beside the -heal15 rows
     "rom-auto-mix50-heal15-cosine": Method(_auto(15, heal_schedule="cosine"), _chat(0.5)),
-    # healing's learning rate above LoRA's default 2e-4, beside rom-auto-mix50-heal15
-    **{
-        f"rom-auto-mix50-heal15-lr{lr}": Method(_auto(15, heal_lr=float(lr)), _chat(0.5))
-        for lr in ("5e-4", "1e-3")
-    },
+    # healing's learning rate 5x LoRA's default 2e-4, beside rom-auto-mix50-heal15
+    "rom-auto-mix50-heal15-lr1e-3": Method(_auto(15, heal_lr=1e-3), _chat(0.5)),
     "rom-best60-mix50-cosine": Method(_best(60, heal_schedule="cosine"), _chat(0.5)),
     # healing every parameter of the blocks instead of LoRA adapters
     "rom-auto-heal15-full": Method(_auto(15, heal_params="full")),

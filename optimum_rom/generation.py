@@ -10,7 +10,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import AttentionInterface, DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+GROUPED_SDPA = "sdpa_grouped_query"
 
 
 def end_of_turn_ids(model, tokenizer) -> set[int]:
@@ -37,6 +43,112 @@ def evaluating(model):
         yield model
     finally:
         model.train(was_training)
+
+
+def _grouped_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' ``sdpa`` attention, except that key/value heads shared by several query heads
+    (grouped-query attention) are left to torch's kernel (``enable_gqa``) when a mask is passed too.
+
+    Hand-rolled because transformers copies every key/value head once per query head it serves
+    (``repeat_kv``) whenever there is a mask, which CUDA's fast kernels need; torch's CPU kernel
+    reads the shared heads in place, with the same result. Batched generation is left-padded, so
+    it always passes a mask, and those copies (the whole KV cache times the group size, in every
+    layer at every decode step, on freshly mapped pages) cost a long answer more than the model's
+    matmuls. Only :func:`generation_attention` selects it, for models on a CPU.
+    """
+    if attention_mask is not None and attention_mask.ndim == 4:
+        attention_mask = attention_mask[:, :, :, : key.shape[-2]]
+    if is_causal is None:
+        is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    output = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scaling,
+        is_causal=is_causal,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GROUPED_SDPA, _grouped_sdpa)
+AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)
+
+
+@contextmanager
+def generation_attention(model):
+    """For the duration, a CPU model on transformers' ``sdpa`` attention runs :func:`_grouped_sdpa`
+    instead (any other model passes through unchanged)."""
+    config = getattr(model, "config", None)
+    if (
+        not isinstance(model, torch.nn.Module)
+        or getattr(config, "_attn_implementation", None) != "sdpa"
+        or model.device.type != "cpu"
+    ):
+        yield model
+        return
+    config._attn_implementation = GROUPED_SDPA
+    try:
+        yield model
+    finally:
+        config._attn_implementation = "sdpa"
+
+
+class _GrowingLayer(DynamicLayer):
+    """transformers' ``DynamicLayer`` (one layer's KV cache), its keys and values kept in buffers
+    that grow by doubling.
+
+    Hand-rolled because ``DynamicLayer`` appends a decode step's keys and values with
+    ``torch.cat``, a copy of the whole cache in every layer at every step: a long answer's decode
+    turns quadratic in its length. Here a step writes its token into the buffer; ``keys`` /
+    ``values`` are views of the filled part, as transformers reads them. A layer whose tensors
+    were replaced (``crop``, beam reordering) starts a buffer from them at its next update.
+    """
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states)
+        length = self.get_seq_length()
+        end = length + key_states.shape[-2]
+        held = getattr(self, "_held", None)
+        if held is None or held[0].data_ptr() != self.keys.data_ptr() or end > held[0].shape[-2]:
+            capacity = max(end, 2 * length)
+            held = tuple(
+                torch.empty(
+                    (*states.shape[:-2], capacity, states.shape[-1]), dtype=states.dtype, device=states.device
+                )
+                for states in (key_states, value_states)
+            )
+            if length:
+                held[0][..., :length, :] = self.keys
+                held[1][..., :length, :] = self.values
+            self._held = held
+        held[0][..., length:end, :] = key_states
+        held[1][..., length:end, :] = value_states
+        self.keys, self.values = held[0][..., :end, :], held[1][..., :end, :]
+        return self.keys, self.values
+
+
+def growing_cache(model) -> DynamicCache:
+    """A KV cache for ``generate``: transformers' own for ``model``, its full-attention layers
+    :class:`_GrowingLayer` s (sliding-window layers keep their own, which never grows past the window)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [_GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 def generate_tokens(
@@ -69,7 +181,7 @@ def generate_tokens(
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
     greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    with evaluating(model):
+    with evaluating(model), generation_attention(model):
         for number, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress)):
             width = max(len(prompts[i]) for i in batch)
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -86,6 +198,11 @@ def generate_tokens(
                     attention_mask=attention_mask.to(model.device),
                     max_new_tokens=max_new_tokens,
                     num_beams=1,
+                    **(
+                        {"past_key_values": growing_cache(model)}
+                        if isinstance(model, torch.nn.Module)
+                        else {}
+                    ),
                     pad_token_id=pad,
                     stop_strings=stop_strings or None,
                     tokenizer=tokenizer if stop_strings else None,

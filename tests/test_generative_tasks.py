@@ -3,13 +3,15 @@
 import json
 
 import pytest
+import torch
 
 from optimum_rom.evaluation import gsm8k, humaneval
 from optimum_rom.evaluation.generation import cut_at_stop, greedy_generate
 from optimum_rom.evaluation.gsm8k import extract_flexible, extract_strict, reference_answer
 from optimum_rom.evaluation.sandbox import run_program
+from optimum_rom.generation import end_of_turn_ids, generate_tokens
 
-from .conftest import tiny_model
+from .conftest import ARCHITECTURES, tiny_model
 
 
 @pytest.mark.parametrize(
@@ -65,15 +67,29 @@ def test_gsm8k_scores_exact_match_with_train_exemplars(tmp_path, monkeypatch):
         gsm8k.evaluate_gsm8k(None, None, test, train, num_fewshot=5)
 
 
-def test_batched_greedy_generation_equals_one_prompt_at_a_time(tokenizer):
-    model = tiny_model("qwen2")
-    prompts = ["The", "In the year of the", "A b c d e f g h i j k l m n", "He said that"]
-    batched = greedy_generate(
-        model, tokenizer, prompts, stop=[], max_new_tokens=6, batch_size=4, progress=False
+@pytest.mark.parametrize("arch", ARCHITECTURES)  # 4 query heads sharing 2 key/value heads
+def test_batched_generation_answers_as_transformers_does_one_prompt_at_a_time(arch, tokenizer):
+    """Left-padded batches, the grouped-query attention and the growing KV cache of
+    generate_tokens against transformers' own generate, one unpadded prompt at a time."""
+    model = tiny_model(arch)
+    texts = ["The", "In the year of the", "A b c d e f g h i j k l m n", "He said that"]
+    prompts = [tokenizer(text).input_ids for text in texts]
+    batched = generate_tokens(model, tokenizer, prompts, max_new_tokens=40, batch_size=4, progress=False)
+    stops = end_of_turn_ids(model, tokenizer)
+    for prompt, answer in zip(prompts, batched, strict=True):
+        alone = model.generate(
+            torch.tensor([prompt]), max_new_tokens=40, do_sample=False, pad_token_id=min(stops)
+        )[0, len(prompt) :].tolist()
+        ends = next((i + 1 for i, token in enumerate(alone) if token in stops), len(alone))
+        assert answer == alone[:ends]
+    assert max(map(len, batched)) > 20  # past a few doublings of the cache
+    assert model.config._attn_implementation == "sdpa"  # as it was before generating
+    texts_batched = greedy_generate(
+        model, tokenizer, texts, stop=[], max_new_tokens=6, batch_size=4, progress=False
     )
-    single = [greedy_generate(model, tokenizer, [p], [], 6, 1, progress=False)[0] for p in prompts]
-    assert batched == single
-    assert all(text for text in batched)
+    assert texts_batched == [
+        greedy_generate(model, tokenizer, [t], [], 6, 1, progress=False)[0] for t in texts
+    ]
 
 
 def test_generation_is_cut_before_the_first_stop_string():
