@@ -8,7 +8,7 @@ For each batch size it times ``optimum_rom.generation.generate_tokens`` (transfo
 with the KV cache, greedy) on prompts of the bundled chat set of similar length: one new token (the
 prefill) and ``--new-tokens`` (the difference is the decode), as self-calibration answers (up to 256
 tokens). Each row runs twice: as ``generate_tokens`` runs it (key/value heads shared by query heads
-read in place, ``generation_attention``; a KV cache that grows by doubling, ``growing_cache``) and
+read in place, ``generation_attention``; a KV cache written in place, ``growing_cache``) and
 as transformers' ``generate`` runs by itself (its ``sdpa`` copies the shared heads per query head
 under a padding mask, its cache copies itself at every step): the baseline of the same run. In
 the same run it measures the two
@@ -65,7 +65,10 @@ def _generation(name: str):
         yield
         return
     attention, cache = generation.generation_attention, generation.growing_cache
-    generation.generation_attention, generation.growing_cache = contextlib.nullcontext, lambda model: None
+    generation.generation_attention, generation.growing_cache = (
+        contextlib.nullcontext,
+        lambda model, tokens: None,
+    )
     try:
         yield
     finally:

@@ -2,7 +2,10 @@
 
 Prompts of similar length are batched together and left-padded. On a CPU the decode step of a
 small model is bound by reading the weights, so a wide batch costs little more per step than a
-narrow one: the batch is the main lever on generation speed.
+narrow one: the batch is the main lever on generation speed. transformers' ``generate`` runs it,
+with two changes that keep its tokens and remove copies a long answer would make at every step:
+grouped-query attention read in place (:func:`generation_attention`) and a KV cache written in
+place (:func:`growing_cache`).
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ def generation_attention(model):
 
 class _GrowingLayer(DynamicLayer):
     """transformers' ``DynamicLayer`` (one layer's KV cache), its keys and values kept in buffers
-    that grow by doubling.
+    sized for ``reserve`` tokens (the prompt and the answer), doubled if more come.
 
     Hand-rolled because ``DynamicLayer`` appends a decode step's keys and values with
     ``torch.cat``, a copy of the whole cache in every layer at every step: a long answer's decode
@@ -116,6 +119,10 @@ class _GrowingLayer(DynamicLayer):
     ``values`` are views of the filled part, as transformers reads them. A layer whose tensors
     were replaced (``crop``, beam reordering) starts a buffer from them at its next update.
     """
+
+    def __init__(self, reserve: int = 0) -> None:
+        super().__init__()
+        self.reserve = reserve
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict | None = None
@@ -126,7 +133,7 @@ class _GrowingLayer(DynamicLayer):
         end = length + key_states.shape[-2]
         held = getattr(self, "_held", None)
         if held is None or held[0].data_ptr() != self.keys.data_ptr() or end > held[0].shape[-2]:
-            capacity = max(end, 2 * length)
+            capacity = max(end, 2 * length, self.reserve)
             held = tuple(
                 torch.empty(
                     (*states.shape[:-2], capacity, states.shape[-1]), dtype=states.dtype, device=states.device
@@ -143,11 +150,12 @@ class _GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def growing_cache(model) -> DynamicCache:
-    """A KV cache for ``generate``: transformers' own for ``model``, its full-attention layers
-    :class:`_GrowingLayer` s (sliding-window layers keep their own, which never grows past the window)."""
+def growing_cache(model, tokens: int) -> DynamicCache:
+    """A KV cache for ``generate`` of ``tokens`` in all (prompt and answer): transformers' own for
+    ``model``, its full-attention layers :class:`_GrowingLayer` s (sliding-window layers keep their
+    own, which never grows past the window)."""
     cache = DynamicCache(config=model.config)
-    cache.layers = [_GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [_GrowingLayer(tokens) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
 
 
@@ -199,7 +207,7 @@ def generate_tokens(
                     max_new_tokens=max_new_tokens,
                     num_beams=1,
                     **(
-                        {"past_key_values": growing_cache(model)}
+                        {"past_key_values": growing_cache(model, width + max_new_tokens)}
                         if isinstance(model, torch.nn.Module)
                         else {}
                     ),

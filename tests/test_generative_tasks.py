@@ -9,7 +9,7 @@ from optimum_rom.evaluation import gsm8k, humaneval
 from optimum_rom.evaluation.generation import cut_at_stop, greedy_generate
 from optimum_rom.evaluation.gsm8k import extract_flexible, extract_strict, reference_answer
 from optimum_rom.evaluation.sandbox import run_program
-from optimum_rom.generation import end_of_turn_ids, generate_tokens
+from optimum_rom.generation import end_of_turn_ids, generate_tokens, growing_cache
 
 from .conftest import ARCHITECTURES, tiny_model
 
@@ -90,6 +90,15 @@ def test_batched_generation_answers_as_transformers_does_one_prompt_at_a_time(ar
     assert texts_batched == [
         greedy_generate(model, tokenizer, [t], [], 6, 1, progress=False)[0] for t in texts
     ]
+
+
+def test_a_kv_cache_reserved_too_small_grows_and_keeps_every_token_in_order():
+    cache = growing_cache(tiny_model("llama"), tokens=2)
+    keys = torch.randn(3, 2, 7, 16)  # batch, key/value heads, tokens, head size
+    for start, end in [(0, 3), (3, 4), (4, 5), (5, 7)]:  # a prompt, then one token at a time
+        held, _ = cache.update(keys[:, :, start:end], -keys[:, :, start:end], layer_idx=1)
+        assert torch.equal(held, keys[:, :, :end])
+    assert cache.get_seq_length(layer_idx=1) == 7
 
 
 def test_generation_is_cut_before_the_first_stop_string():
