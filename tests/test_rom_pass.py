@@ -361,7 +361,10 @@ def test_refinement_tunes_each_block_towards_its_target(refine_target, monkeypat
     monkeypatch.setattr(
         rom_pass, "refine_block", lambda step, wanted, *args, **kwargs: targets.append(wanted)
     )
-    config = RomConfig(params_ratio=0.6, refine_epochs=1, refine_target=refine_target)
+    # walks in float32, as the dense forward above (auto is bfloat16 on a CPU with AVX512-BF16)
+    config = RomConfig(
+        params_ratio=0.6, refine_epochs=1, refine_target=refine_target, calibration_precision="float32"
+    )
     run_rom(model, config, data, progress=False)
     assert len(targets) == len(dense_outputs) > 1
     torch.testing.assert_close(targets[0], dense_outputs[0], atol=1e-4, rtol=1e-4)  # nothing upstream yet
