@@ -54,11 +54,31 @@ def timed(cls, phase):
         events.append((phase, index, time.perf_counter() - started))
     cls.done = record
 timed(walker.ReadOnlyBlocks, "measure"); timed(streaming.StreamingBlocks, "compress")
+import functools, optimum_rom.passes.rom as rom
+from optimum_rom.calibration import gradients, sensitivity, statistics
+phases = {}  # seconds spent inside each of these, over the whole run
+def phase(owner, attribute, name):
+    original = getattr(owner, attribute)
+    @functools.wraps(original)
+    def measured(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+    setattr(owner, attribute, measured)
+phase(sensitivity, "collect_block_statistics", "measure: forward + Gram matrices")
+phase(statistics.LinearStatistics, "output_eigenpairs", "measure: output eigenpairs")
+phase(statistics.LinearStatistics, "output_spectrum", "measure: output spectra")
+phase(gradients.OutputGradients, "backward", "backward walk")
+phase(rom, "collect_block_statistics", "compress: forward + Gram matrices")
+phase(rom, "rom_factorize", "compress: factorizations")
+phase(rom, "refine_block", "compress: refinement")
 started = time.perf_counter()
 optimizer.compress(config, calibration=calibration, save_dir=output, overwrite=True, progress=False)
 print(json.dumps({"seconds": time.perf_counter() - started, "peak_rss_mb": peak_resident_mib(),
                   "params_before": optimizer.report.params_before, "params_after": optimizer.report.params_after,
-                  "streamed": optimizer.report.streamed, "events": events}))
+                  "streamed": optimizer.report.streamed, "events": events, "phases": phases}))
 """
 
 
@@ -177,7 +197,7 @@ def llama_7b_shaped(directory: Path, blocks: int) -> Path:
     return directory
 
 
-def moonshot_part(work: Path, blocks: int, samples: int, scoring: str = "matrix") -> list[dict]:
+def moonshot_part(work: Path, blocks: int, samples: int, scoring: str | None = None) -> list[dict]:
     """``auto`` at 0.8 on a 7B-shaped model of ``blocks`` blocks, and the projection to all 32.
 
     With fewer than 32 blocks the embeddings are a larger share of the model, so the size target
@@ -192,10 +212,14 @@ def moonshot_part(work: Path, blocks: int, samples: int, scoring: str = "matrix"
     linear_ratio = 1 - 0.2 * total / linears
     source = llama_7b_shaped(work / f"llama-7b-shaped-{blocks}", blocks)
     size_gb = sum(f.stat().st_size for f in source.glob("*.safetensors")) / 1e9
+    from optimum_rom import RomConfig
+
+    scoring_option = {} if scoring is None else {"scoring": scoring}  # None: the preset's own
+    scoring = scoring or RomConfig.from_preset("auto").scoring
     result = run_child(
         source, work / f"llama-7b-shaped-{blocks}-auto-{scoring}", "streamed", "random", "auto",
         env=LOW_MEMORY_ENV, params_ratio=round(linear_ratio, 4), ratio_of="linears", num_samples=samples,
-        seq_len=128, scoring=scoring,
+        seq_len=128, **scoring_option,
     )  # fmt: skip
     events = result.pop("events")
     measured = [t for phase, _, t in events if phase == "measure"]
@@ -311,7 +335,7 @@ def main() -> None:
         "--moonshot-samples", type=int, default=128, help="its calibration windows of 128 tokens"
     )
     parser.add_argument(
-        "--moonshot-scoring", choices=["matrix", "direction"], default="matrix", help="its damage scoring"
+        "--moonshot-scoring", choices=["matrix", "direction"], help="its damage scoring (default: auto's)"
     )
     parser.add_argument(
         "--calibration",

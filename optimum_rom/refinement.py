@@ -14,9 +14,9 @@ learning rate or AA-SVD's recipe (10% linear warm-up, then cosine to zero, gradi
 to 1), and training the factors only or every parameter of the block (its norms and the linears
 kept dense too).
 
-A training step takes about ``BATCH_TOKENS`` tokens whatever the model's width, so a wide model
-takes as many steps per epoch as the small ones the learning rate was tuned on; never more than
-a walk's chunk (``step.batch_size``), which bounds the activations autograd keeps.
+A training step takes about ``BACKWARD_TOKENS`` tokens whatever the model's width (see
+``backward_batch_size``), so a wide model takes as many steps per epoch as the small ones the
+learning rate was tuned on.
 """
 
 from __future__ import annotations
@@ -28,11 +28,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from .calibration.walker import BlockStep, call_block
+from .calibration.walker import BlockStep, backward_batch_size, call_block
 from .layers import FactorizedLinear
 from .training import AdamInBackward, Budget, adam, frozen_except, train, warmup_cosine
-
-BATCH_TOKENS = 1024
 
 
 def refine_block(
@@ -67,7 +65,7 @@ def refine_block(
     order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed))
     train_rows, validation = order[held_out:], order[:held_out]
     scale = targets[validation].var().item() or 1.0
-    batch = max(1, min(step.batch_size, BATCH_TOKENS // step.inputs.shape[1]))
+    batch = backward_batch_size(step.batch_size, step.inputs.shape[1])
 
     def validation_error() -> float:
         with torch.no_grad():

@@ -107,21 +107,7 @@ def test_gradients_measured_block_by_block_equal_the_whole_model_backward(
         model.save_pretrained(tmp_path / "dense")
         weights = LazyCheckpoint(tmp_path / "dense")
         model = weights.model
-    blocks_name, blocks = find_blocks(model)
-    gradients = OutputGradients(model, data, scratch=tmp_path, covariances=covariances)
-    stream = weights and BlockStream(
-        ReadOnlyBlocks(weights, blocks_name), 0, embed_inputs(model, ids, weights)
-    )
-    with torch.no_grad():
-        for step in walk_blocks(model, ids, progress=False, stream=stream):
-            for name, basis in bases.items():
-                if name.startswith(step.name + "."):
-                    gradients.keep_basis(step.index, name, basis)
-            gradients.record(step, last=step.index == len(blocks) - 1)
-    by_block = {}
-    for site in find_linear_sites(model):
-        by_block.setdefault(site.block, []).append(site.name)
-    measured = gradients.backward(by_block, weights, progress=False)
+    measured = block_by_block_gradients(model, data, tmp_path, bases, covariances, weights)
 
     assert measured.keys() == expected.keys()
     for name, value in expected.items():
@@ -134,11 +120,43 @@ def test_gradients_measured_block_by_block_equal_the_whole_model_backward(
     assert list(tmp_path.glob(".rom-gradients-*")) == []  # the spilled inputs are gone
     if covariances is not None:
         kept = {}
-        for block in range(len(blocks)):
+        for block in range(len(find_blocks(model)[1])):
             kept.update(load_covariances(covariances, block))
         assert kept.keys() == expected_covariances.keys()
         for name, value in expected_covariances.items():  # summed in float32
             torch.testing.assert_close(kept[name], value, rtol=1e-4, atol=1e-6 * value.abs().max().item())
+
+
+def test_the_gradient_walk_runs_its_blocks_in_the_precision_asked_for(tmp_path):
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    data = CalibrationSet(ids)
+    exact = block_by_block_gradients(model, data, tmp_path)
+    rounded = block_by_block_gradients(model, data, tmp_path, precision="bfloat16")
+    for name, value in exact.items():  # bfloat16 products: close to the float32 gradients, not equal
+        assert rounded[name] != value and rounded[name] == pytest.approx(value, rel=0.05), name
+
+
+def block_by_block_gradients(
+    model, data, scratch, bases=None, covariances=None, weights=None, precision="float32"
+):
+    """What the gradient walk of adaptive allocation measures: a forward walk recording every block
+    (and the bases to measure along), then the backward through the blocks."""
+    blocks_name, blocks = find_blocks(model)
+    gradients = OutputGradients(model, data, scratch=scratch, covariances=covariances)
+    stream = weights and BlockStream(
+        ReadOnlyBlocks(weights, blocks_name), 0, embed_inputs(model, data.input_ids, weights)
+    )
+    with torch.no_grad():
+        for step in walk_blocks(model, data.input_ids, progress=False, stream=stream):
+            for name, basis in (bases or {}).items():
+                if name.startswith(step.name + "."):
+                    gradients.keep_basis(step.index, name, basis)
+            gradients.record(step, last=step.index == len(blocks) - 1)
+    by_block = {}
+    for site in find_linear_sites(model):
+        by_block.setdefault(site.block, []).append(site.name)
+    return gradients.backward(by_block, weights, progress=False, precision=precision)
 
 
 def test_adaptive_allocation_needs_calibration_data():

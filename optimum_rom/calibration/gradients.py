@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import ensure_free_space
 from ..memory import return_freed_memory
+from ..precision import autocast, compute_dtype
 from ..structure import find_blocks
 from ..training import frozen_except
 from .data import CalibrationSet
-from .walker import BlockStep, WeightSource, call_block, chunk_batch_size, head_logits
+from .walker import BlockStep, WeightSource, backward_batch_size, call_block, chunk_batch_size, head_logits
 
 # Sequences per loss: the loss is averaged over the target tokens of each group, as a training
 # batch of this many sequences would average it.
@@ -103,16 +104,23 @@ class OutputGradients:
         linears: dict[int, list[str]],
         weights: WeightSource | None = None,
         progress: bool = True,
+        precision: str = "float32",
     ) -> dict[str, float | torch.Tensor]:
         """Gradients of the loss, block by block from the last; ``linears[block]`` names the linears to
-        measure. A linear recorded with a basis gets a vector (one value per basis vector)."""
+        measure. A linear recorded with a basis gets a vector (one value per basis vector).
+
+        ``precision``: what each block's recomputed forward, and so its backward, multiplies in (see
+        optimum_rom.precision); the gradients between blocks and the head's are float32.
+        """
         blocks_name, blocks = find_blocks(self.model)
         totals = {name: 0.0 for names in linears.values() for name in names}
         counts = dict.fromkeys(totals, 0)
         try:
             with frozen_except(self.model), torch.enable_grad():
                 gradient = self._head_gradient(blocks_name, blocks, weights)
-                chunk = max(1, chunk_batch_size(blocks, self.labels.shape[1]) // 4)  # kept for backward
+                seq_len = self.labels.shape[1]
+                chunk = backward_batch_size(chunk_batch_size(blocks, seq_len), seq_len)
+                dtype = compute_dtype(precision, gradient.device)
                 bar = tqdm(total=len(blocks), desc="gradients", unit="block", disable=not progress)
                 for index in reversed(range(len(blocks))):
                     if weights is not None:
@@ -129,7 +137,7 @@ class OutputGradients:
                         for name in names
                     ]
                     try:
-                        gradient = self._block_backward(blocks[index], index, gradient, chunk)
+                        gradient = self._block_backward(blocks[index], index, gradient, chunk, dtype)
                         if grams:
                             save_file(
                                 {name: gram / count for name, (gram, count) in grams.items()},
@@ -187,15 +195,17 @@ class OutputGradients:
         return gradient
 
     def _block_backward(
-        self, block: nn.Module, index: int, gradient: torch.Tensor, chunk: int
+        self, block: nn.Module, index: int, gradient: torch.Tensor, chunk: int, dtype: torch.dtype | None
     ) -> torch.Tensor:
-        """Back-propagate ``gradient`` (at the block's output) to the block's input."""
+        """Back-propagate ``gradient`` (at the block's output) to the block's input, the block's
+        forward multiplying in ``dtype`` (None: float32)."""
         inputs = self.inputs[index]
         previous = torch.empty_like(gradient)
         block.requires_grad_(False)  # freshly loaded weights too: no weight gradients
         for start in range(0, len(inputs), chunk):
             hidden = inputs[start : start + chunk].clone().requires_grad_()
-            outputs = call_block(block, hidden, self.call_kwargs[index])
+            with autocast(dtype, hidden.device):
+                outputs = call_block(block, hidden, self.call_kwargs[index]).to(hidden.dtype)
             outputs.backward(gradient[start : start + chunk])
             previous[start : start + chunk] = hidden.grad
         return previous

@@ -64,7 +64,7 @@ def measure_damage(
     With ``covariances`` (a directory), the gradient covariances at every linear's output are kept
     there too, for a Fisher-metric or scored factorization (``RomConfig(metric=...)``). ``ranked``:
     each linear keeps its directions of largest damage, not of largest variance. ``precision``:
-    of the forward walk's block forwards (see optimum_rom.precision); the backward is float32.
+    of the walks' block forwards and the backward through them (see optimum_rom.precision).
     ``dtype``: what the spectra are computed in (see ``LinearStatistics``).
     """
     by_block: dict[int, list[str]] = {}
@@ -82,7 +82,7 @@ def measure_damage(
     spectra = _forward_walk(
         model, data, by_block, gradients, center, progress, weights, precision, dtype, per_direction
     )
-    squared = gradients.backward(by_block, weights, progress)
+    squared = gradients.backward(by_block, weights, progress, precision)
     damage = {}
     for site in sites:
         dropped = spectra[site.name] * squared[site.name]  # what dropping each direction costs

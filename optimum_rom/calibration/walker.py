@@ -39,6 +39,11 @@ class StopForward(Exception):
 # of 1536, 1024 with an MLP of 6144).
 CHUNK_ACTIVATION_BYTES = 24 * 2**20
 
+# Tokens per forward-and-backward through a block (refinement's training steps, the gradient walk):
+# enough for the matmuls to run at full speed whatever the model's width (one 128-token sequence at
+# a time ran a 7B-shaped block's backward at half the pace of four).
+BACKWARD_TOKENS = 1024
+
 
 @dataclass
 class BlockStep:
@@ -254,6 +259,12 @@ def chunk_batch_size(blocks: nn.ModuleList, seq_len: int) -> int:
     """Calibration sequences per chunk when running a block (see CHUNK_ACTIVATION_BYTES)."""
     widest = max((m.out_features for m in blocks[0].modules() if isinstance(m, nn.Linear)), default=1)
     return max(1, CHUNK_ACTIVATION_BYTES // (4 * widest * seq_len))
+
+
+def backward_batch_size(chunk: int, seq_len: int) -> int:
+    """Sequences per forward-and-backward through a block: about ``BACKWARD_TOKENS`` tokens, never more
+    than a walk's ``chunk`` (which bounds the activations autograd keeps)."""
+    return max(1, min(chunk, BACKWARD_TOKENS // seq_len))
 
 
 def walk_blocks(
