@@ -125,7 +125,7 @@ class OutputGradients:
                 for index in reversed(range(len(blocks))):
                     if weights is not None:
                         weights.load(f"{blocks_name}.{index}")
-                    bases = self._bases(index)
+                    bases = self._bases(index, dtype)
                     names = linears.get(index, [])
                     grams: dict[str, tuple[torch.Tensor, int]] | None = (
                         None if self.covariances is None else {}
@@ -155,12 +155,18 @@ class OutputGradients:
             self._directory.cleanup()
         return {name: totals[name] / max(counts[name], 1) for name in totals}
 
-    def _bases(self, index: int) -> dict[str, torch.Tensor]:
-        """Block ``index``'s kept bases, float32 as saved: twice as large in float64, and the
-        projections need no more than the gradients' own precision."""
+    def _bases(self, index: int, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """Block ``index``'s kept bases in the dtype the block's backward multiplies in (None: float32,
+        as saved): the projections need no more than the gradients' own precision, and in float64
+        they would be twice as large."""
         bases = {}
         for file in self.inputs.directory.glob(f"bases-{index}-*.pt"):
-            bases.update(torch.load(file, weights_only=True))
+            bases.update(
+                {
+                    name: basis.to(dtype or torch.float32)
+                    for name, basis in torch.load(file, weights_only=True).items()
+                }
+            )
         return bases
 
     def _head_gradient(
