@@ -21,11 +21,18 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import ensure_free_space
 from ..memory import return_freed_memory
-from ..precision import autocast, compute_dtype
+from ..precision import compute_dtype
 from ..structure import find_blocks
 from ..training import frozen_except
 from .data import CalibrationSet
-from .walker import BlockStep, WeightSource, backward_batch_size, call_block, chunk_batch_size, head_logits
+from .walker import (
+    BlockStep,
+    WeightSource,
+    backward_batch_size,
+    call_block_in,
+    chunk_batch_size,
+    head_logits,
+)
 
 # Sequences per loss: the loss is averaged over the target tokens of each group, as a training
 # batch of this many sequences would average it.
@@ -161,12 +168,8 @@ class OutputGradients:
         they would be twice as large."""
         bases = {}
         for file in self.inputs.directory.glob(f"bases-{index}-*.pt"):
-            bases.update(
-                {
-                    name: basis.to(dtype or torch.float32)
-                    for name, basis in torch.load(file, weights_only=True).items()
-                }
-            )
+            for name, basis in torch.load(file, weights_only=True).items():
+                bases[name] = basis.to(dtype or torch.float32)
         return bases
 
     def _head_gradient(
@@ -210,8 +213,7 @@ class OutputGradients:
         block.requires_grad_(False)  # freshly loaded weights too: no weight gradients
         for start in range(0, len(inputs), chunk):
             hidden = inputs[start : start + chunk].clone().requires_grad_()
-            with autocast(dtype, hidden.device):
-                outputs = call_block(block, hidden, self.call_kwargs[index]).to(hidden.dtype)
+            outputs = call_block_in(dtype, block, hidden, self.call_kwargs[index])
             outputs.backward(gradient[start : start + chunk])
             previous[start : start + chunk] = hidden.grad
         return previous

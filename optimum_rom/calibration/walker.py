@@ -67,8 +67,7 @@ class BlockStep:
 
     def call(self, hidden: torch.Tensor) -> torch.Tensor:
         """The block (as it is now) on ``hidden``; what it returns is in ``hidden``'s dtype."""
-        with autocast(self.dtype, hidden.device):
-            return call_block(self.block, hidden, self.call_kwargs).to(hidden.dtype)
+        return call_block_in(self.dtype, self.block, hidden, self.call_kwargs)
 
     def forward(self, inputs: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Run the block (as it is now) over ``inputs`` (default: this step's inputs), in chunks.
@@ -139,6 +138,15 @@ def call_block(block: nn.Module, hidden: torch.Tensor, call_kwargs: dict[str, An
     else:
         output = block(hidden, **kwargs)
     return output[0] if isinstance(output, tuple) else output
+
+
+def call_block_in(
+    dtype: torch.dtype | None, block: nn.Module, hidden: torch.Tensor, call_kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """:func:`call_block` multiplying in ``dtype`` (None: float32; see optimum_rom.precision); what it
+    returns is in ``hidden``'s dtype."""
+    with autocast(dtype, hidden.device):
+        return call_block(block, hidden, call_kwargs).to(hidden.dtype)
 
 
 def capture_block_kwargs(model: nn.Module, blocks: nn.ModuleList, seq_len: int) -> list[dict[str, Any]]:
