@@ -215,12 +215,11 @@ def moonshot_part(work: Path, blocks: int, samples: int, scoring: str | None = N
     size_gb = sum(f.stat().st_size for f in source.glob("*.safetensors")) / 1e9
     from optimum_rom import RomConfig
 
-    scoring_option = {} if scoring is None else {"scoring": scoring}  # None: the preset's own
-    scoring = scoring or RomConfig.from_preset("auto").scoring
+    scoring = scoring or RomConfig.from_preset("auto").scoring  # None: the preset's own
     result = run_child(
         source, work / f"llama-7b-shaped-{blocks}-auto-{scoring}", "streamed", "random", "auto",
         env=LOW_MEMORY_ENV, params_ratio=round(linear_ratio, 4), ratio_of="linears", num_samples=samples,
-        seq_len=128, **scoring_option,
+        seq_len=128, scoring=scoring,
     )  # fmt: skip
     events = result.pop("events")
     measured = [t for phase, _, t in events if phase == "measure"]
