@@ -34,10 +34,22 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def bound_matmul_cache() -> None:
+    """Bound oneDNN's cache of matmul primitives, unless the environment already sets it.
+
+    oneDNN, which runs torch's bfloat16 matmuls on a CPU, keeps a primitive per matmul shape (1024 by
+    default), each holding work memory of its own, and with adaptive ranks nearly every linear has
+    shapes of its own: unbounded, the cache grows block after block. Bounded, it still holds a
+    block's. oneDNN reads the variable once, when it makes its first primitive, for the whole
+    process: so this runs before any of a compression's work (the calibration's generation, the
+    walks), and a process that multiplied in bfloat16 before keeps the default.
+    """
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
+
+
 @contextlib.contextmanager
 def flat_peak_memory(trains: bool = False) -> Iterator[None]:
-    """Serve large allocations with their own memory maps, returned when freed, and bound oneDNN's
-    cache of matmul primitives.
+    """Serve large allocations with their own memory maps, returned when freed.
 
     Mapped memory starts on fresh pages the kernel must zero, a price paid per allocation. A run
     that only walks (no training steps) maps what is larger than a walk's chunk of activations
@@ -49,11 +61,6 @@ def flat_peak_memory(trains: bool = False) -> Iterator[None]:
     its 32 MiB ceiling.
     """
     _set_mmap_threshold(LARGE_ALLOCATION_BYTES if trains else HEAP_ALLOCATION_BYTES)
-    # oneDNN, which runs torch's bfloat16 matmuls on a CPU, keeps a primitive per matmul shape (1024 by
-    # default), and with adaptive ranks nearly every linear has shapes of its own: bounded, the cache
-    # still holds a block's. oneDNN reads this when it makes its first primitive, for the whole
-    # process; a user's own setting wins.
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
     try:
         yield
     finally:

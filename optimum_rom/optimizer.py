@@ -40,6 +40,7 @@ from .checkpoint_format import factorized_ranks
 from .configs import HealingSpec, LowRankConfig
 from .healing import AnswerLoss, HealingReport, WindowLoss, heal
 from .integrations.transformers import attach_quantizer
+from .memory import bound_matmul_cache
 from .model_card import write_model_card
 from .model_sources import load_causal_lm, load_model, resolve_model_path, source_name
 from .passes import CompressionPass, PassData, pass_for
@@ -216,6 +217,7 @@ class LowRankOptimizer(OptimumQuantizer):
             raise TypeError(
                 f"config must be a RomConfig or another LowRankConfig, got {type(config).__name__}"
             )
+        bound_matmul_cache()  # before the first bfloat16 matmul: the data's generation, the walks
         job = self._prepare(copy.deepcopy(config), save_dir, overwrite, work_dir, progress)
         self._load_data(job, calibration, train_dataset, task, text_field, chat, holdout)
         try:

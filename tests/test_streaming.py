@@ -292,3 +292,28 @@ def test_the_peak_resident_memory_of_one_phase_is_measured_from_a_reset():
     del ballast
     reset_peak_resident()
     assert peak_resident_mib() < with_ballast - 200
+
+
+@pytest.mark.parametrize(("environment", "expected"), [(None, "64"), ("8", "8")])
+def test_the_matmul_cache_is_bounded_before_the_first_block_runs(
+    environment, expected, model_dir, calibration_file, tmp_path, monkeypatch
+):
+    # oneDNN reads its cache's bound once, at its first bfloat16 matmul: the measuring walk's, in `auto`
+    import optimum_rom.calibration.walker as walker
+
+    if environment is None:
+        monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", environment)  # the user's own wins
+    seen = []
+    call_block = walker.call_block
+
+    def recording(*args):
+        seen.append(os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"))
+        return call_block(*args)
+
+    monkeypatch.setattr(walker, "call_block", recording)
+    LowRankOptimizer.from_pretrained(model_dir("llama")).compress(
+        RomConfig(**CONFIG, **AUTO), calibration=calibration_file, save_dir=tmp_path / "out", progress=False
+    )
+    assert seen and set(seen) == {expected}
