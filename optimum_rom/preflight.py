@@ -63,8 +63,9 @@ def check_calibration_memory(model_config, config: LowRankConfig) -> None:
         )
 
 
-# Vocabulary-sized float32 buffers per healing token: the student's logits, their float copy and
-# log-softmax, the teacher's log-softmax (and the gradients of the first ones).
+# Vocabulary-sized float32 buffers per healing token (at most; bfloat16 steps halve them): the
+# student's and the teacher's logits, their rows at the target positions, the distillation loss's
+# gradient and its scaled copy in the backward.
 LOGIT_BUFFERS = 6
 # Bytes a fully trained parameter adds: its gradient and Adam's two moments (float32).
 FULL_TRAINING_BYTES = 12

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from optimum_rom import FactorizedLinear, LowRankOptimizer, RomConfig, healing, preflight
 from optimum_rom.calibration.data import CalibrationSet
 from optimum_rom.configs import HealingSpec
-from optimum_rom.healing import WindowLoss, heal, lora_targets
+from optimum_rom.healing import DistillationLoss, WindowLoss, heal, lora_targets
 from optimum_rom.optimizer import HEAL_SEQ_LEN
 from optimum_rom.training import adam
 
@@ -80,6 +80,23 @@ def test_distillation_moves_the_student_towards_the_teacher(precision, trained, 
     spec = HealingSpec(steps=20, learning_rate=1e-3, precision=precision, trained=trained)
     heal(student, WindowLoss(CalibrationSet(ids), teacher), spec, progress=False)
     assert divergence() < before
+
+
+def test_the_distillation_loss_is_torchs_kl_divergence_in_value_and_gradient():
+    student, teacher = torch.randn(2, 37, 300, dtype=torch.float64).mul(4).unbind()
+    ours = student.clone().requires_grad_(True)  # 37 rows: the last chunk is a partial one
+    loss = DistillationLoss.apply(ours, teacher)
+    (loss * 3).backward()
+    reference = student.clone().requires_grad_(True)
+    expected = torch.nn.functional.kl_div(
+        torch.log_softmax(reference, -1),
+        torch.log_softmax(teacher, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    (expected * 3).backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-5, atol=1e-7)
 
 
 class StepRates(WindowLoss):
