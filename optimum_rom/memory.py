@@ -4,7 +4,7 @@ Freed tensors go back to the C heap, and glibc hands heap memory back to the OS 
 top: blocks and their activations of many sizes, freed in any order, leave a heap as large as
 the most ever in use plus fragmentation. A streamed run's peak memory is the point of streaming,
 so large allocations are made to bypass the heap there (glibc only; elsewhere these are no-ops),
-and oneDNN's cache of bfloat16 matmul primitives is bounded.
+and the caches of bfloat16 matmul primitives are bounded.
 """
 
 from __future__ import annotations
@@ -20,7 +20,11 @@ LARGE_ALLOCATION_BYTES = 2**20
 # glibc's ceiling for its dynamic threshold (64-bit), above a walk's chunk of activations
 # (calibration.walker.CHUNK_ACTIVATION_BYTES)
 HEAP_ALLOCATION_BYTES = 32 * 2**20
-ONEDNN_CACHE_CAPACITY = "64"
+# Entries of each matmul primitive cache: a training step through a factorized block uses ~40 shapes.
+MATMUL_CACHE_CAPACITY = "64"
+# oneDNN's own primitive cache, and ideep's (torch's layer over oneDNN), which keeps primitives of
+# its own: bounding one of them leaves the other growing.
+MATMUL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 
 
 def return_freed_memory() -> None:
@@ -35,16 +39,19 @@ def return_freed_memory() -> None:
 
 
 def bound_matmul_cache() -> None:
-    """Bound oneDNN's cache of matmul primitives, unless the environment already sets it.
+    """Bound the caches of bfloat16 matmul primitives, unless the environment already sets them.
 
-    oneDNN, which runs torch's bfloat16 matmuls on a CPU, keeps a primitive per matmul shape (1024 by
-    default), each holding work memory of its own, and with adaptive ranks nearly every linear has
-    shapes of its own: unbounded, the cache grows block after block. Bounded, it still holds a
-    block's. oneDNN reads the variable once, when it makes its first primitive, for the whole
-    process: so this runs before any of a compression's work (the calibration's generation, the
-    walks), and a process that multiplied in bfloat16 before keeps the default.
+    torch runs bfloat16 matmuls on a CPU with oneDNN, through ideep; each keeps a primitive per
+    matmul shape in a cache of its own (1024 entries by default), each primitive holding work memory
+    of its own, and with adaptive ranks nearly every linear has shapes of its own: unbounded, the
+    caches grow block after block, and with only oneDNN's bounded, ideep's still grows. Bounded,
+    they still hold a training step's shapes. Each cache reads its variable once, when it makes its
+    first primitive, for the whole process: so this runs before any of a compression's work (the
+    calibration's generation, the walks), and a process that multiplied in bfloat16 before keeps
+    the defaults.
     """
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
+    for variable in MATMUL_CACHE_VARIABLES:
+        os.environ.setdefault(variable, MATMUL_CACHE_CAPACITY)
 
 
 @contextlib.contextmanager
