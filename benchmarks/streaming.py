@@ -15,7 +15,9 @@ the two checkpoints, and the time and memory ratios. Part "depth": random Llama 
 each compressed to params_ratio 0.8 with ``--depth-preset`` on random-token windows, in its own
 process started with MKL_DISABLE_FAST_MM=1 (see LOW_MEMORY_ENV). Part "moonshot": ``auto`` on a
 random Llama with 7B's shapes (bfloat16 shards, written one block at a time) of
-``--moonshot-blocks`` blocks: per-block time of each walk and the projection to 32 blocks.
+``--moonshot-blocks`` blocks: per-block time of each walk and the projection to 32 blocks; a
+stopped run continues when the same command runs again (its row then has the compression walk's
+per-block seconds only: the walks that measured the plan ran in the first process).
 Calibration is 128-token windows throughout. Results go to <work>/streaming.json and a markdown
 table on stdout.
 """
@@ -23,6 +25,7 @@ table on stdout.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -224,19 +227,24 @@ def moonshot_part(work: Path, blocks: int, samples: int, scoring: str | None = N
     events = result.pop("events")
     measured = [t for phase, _, t in events if phase == "measure"]
     compressed = [t for phase, _, t in events if phase == "compress"]
+    row = {
+        "model": f"7B-shaped random Llama, {blocks} of 32 blocks, auto, damage per {scoring}",
+        "bf16_gb": size_gb, **result, "linear_ratio_target": round(linear_ratio, 4),
+    }  # fmt: skip
+    if len(measured) < 2:  # a resumed run: the plan was measured before, the walks' pace is not known
+        row["compress_blocks_s"] = [round(b - a, 1) for a, b in itertools.pairwise(compressed)]
+        print(json.dumps(row), flush=True)
+        return [row]
     # a block's time in each walk after the first block (the first compresses faster here), and its
     # share of the backward walk; the rest of the run (set-up, the head's gradient) is counted once
     measure_block = (measured[-1] - measured[0]) / (blocks - 1)
     compress_block = (compressed[-1] - compressed[0]) / (blocks - 1)
     backward_block = result["phases"]["backward walk: the blocks"] / blocks
     per_block_seconds = measure_block + compress_block + backward_block
-    row = {
-        "model": f"7B-shaped random Llama, {blocks} of 32 blocks, auto, damage per {scoring}",
-        "bf16_gb": size_gb, **result,
-        "linear_ratio_target": round(linear_ratio, 4), "measure_block_s": measure_block,
-        "compress_block_s": compress_block, "backward_block_s": backward_block,
-        "projected_32_blocks_h": (result["seconds"] + (SEVEN_B["blocks"] - blocks) * per_block_seconds) / 3600,
-    }  # fmt: skip
+    row.update(
+        measure_block_s=measure_block, compress_block_s=compress_block, backward_block_s=backward_block,
+        projected_32_blocks_h=(result["seconds"] + (SEVEN_B["blocks"] - blocks) * per_block_seconds) / 3600,
+    )  # fmt: skip
     print(json.dumps(row), flush=True)
     return [row]
 
