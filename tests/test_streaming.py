@@ -324,7 +324,7 @@ def test_the_matmul_caches_are_bounded_before_the_first_block_runs(
 # A training step through linears of ever new ranks, as refinement makes block after block; prints
 # how much the resident memory grew between the 20th and the 40th shape.
 NEW_SHAPES = """
-import gc, sys
+import gc
 from optimum_rom.memory import bound_matmul_cache, peak_resident_mib, return_freed_memory, reset_peak_resident
 bound_matmul_cache()
 import torch
