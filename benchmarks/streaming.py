@@ -233,18 +233,17 @@ def moonshot_part(work: Path, blocks: int, samples: int, scoring: str | None = N
     }  # fmt: skip
     if len(measured) < 2:  # a resumed run: the plan was measured before, the walks' pace is not known
         row["compress_blocks_s"] = [round(b - a, 1) for a, b in itertools.pairwise(compressed)]
-        print(json.dumps(row), flush=True)
-        return [row]
-    # a block's time in each walk after the first block (the first compresses faster here), and its
-    # share of the backward walk; the rest of the run (set-up, the head's gradient) is counted once
-    measure_block = (measured[-1] - measured[0]) / (blocks - 1)
-    compress_block = (compressed[-1] - compressed[0]) / (blocks - 1)
-    backward_block = result["phases"]["backward walk: the blocks"] / blocks
-    per_block_seconds = measure_block + compress_block + backward_block
-    row.update(
-        measure_block_s=measure_block, compress_block_s=compress_block, backward_block_s=backward_block,
-        projected_32_blocks_h=(result["seconds"] + (SEVEN_B["blocks"] - blocks) * per_block_seconds) / 3600,
-    )  # fmt: skip
+    else:
+        # a block's time in each walk after the first block (the first compresses faster here), and
+        # its share of the backward walk; the rest of the run (set-up, the head's gradient) is counted once
+        measure_block = (measured[-1] - measured[0]) / (blocks - 1)
+        compress_block = (compressed[-1] - compressed[0]) / (blocks - 1)
+        backward_block = result["phases"]["backward walk: the blocks"] / blocks
+        per_block_seconds = measure_block + compress_block + backward_block
+        row.update(
+            measure_block_s=measure_block, compress_block_s=compress_block, backward_block_s=backward_block,
+            projected_32_blocks_h=(result["seconds"] + (SEVEN_B["blocks"] - blocks) * per_block_seconds) / 3600,
+        )  # fmt: skip
     print(json.dumps(row), flush=True)
     return [row]
 
