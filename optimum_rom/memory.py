@@ -62,7 +62,10 @@ def flat_peak_memory(trains: bool = False) -> Iterator[None]:
     that only walks (no training steps) maps what is larger than a walk's chunk of activations
     (hidden-state streams, large weights): a block's forward over one chunk after another then
     reuses the same heap memory. A run that ``trains`` (block refinement) maps everything from
-    1 MiB: autograd's activations of many sizes left on the heap raise its peak. Fixing the
+    1 MiB: autograd's activations of many sizes left on the heap raise its peak. glibc maps only
+    what its heap's free chunks cannot serve, so this starts before a run's first walk: a heap that
+    the measuring walks grew and left in pieces would serve the later blocks' large allocations
+    from its free chunks, whose pages stay resident until the next trim. Fixing the
     threshold also stops glibc from raising it after large frees; glibc has no call that restores
     its dynamic threshold, so on exit it is set to where the dynamic one ends up in a long run,
     its 32 MiB ceiling.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 import tempfile
@@ -40,7 +41,7 @@ from .checkpoint_format import factorized_ranks
 from .configs import HealingSpec, LowRankConfig
 from .healing import AnswerLoss, HealingReport, WindowLoss, heal
 from .integrations.transformers import attach_quantizer
-from .memory import bound_matmul_cache
+from .memory import bound_matmul_cache, flat_peak_memory
 from .model_card import write_model_card
 from .model_sources import load_causal_lm, load_model, resolve_model_path, source_name
 from .passes import CompressionPass, PassData, pass_for
@@ -234,13 +235,17 @@ class LowRankOptimizer(OptimumQuantizer):
         """Plan, apply, heal, save: the stages that may leave progress in the work directory."""
         save_dir, overwrite = job.save_dir, job.overwrite
         started = time.perf_counter()
-        model, plan = self._plan(job)
         spec = job.config.healing()
         teacher = None
-        if spec is not None and spec.distill and not job.streamed:
-            teacher = copy.deepcopy(model)  # the dense model, before it is compressed in place
-        before = (count_parameters(model), decoder_linear_parameters(model))
-        self._apply(job, model, plan)
+        # a streamed run maps its large allocations from its first walk to its last block (healing after it
+        # runs on the heap): see memory.flat_peak_memory
+        trains = getattr(job.config, "refine_epochs", 0) > 0
+        with flat_peak_memory(trains) if job.streamed else contextlib.nullcontext():
+            model, plan = self._plan(job)
+            if spec is not None and spec.distill and not job.streamed:
+                teacher = copy.deepcopy(model)  # the dense model, before it is compressed in place
+            before = (count_parameters(model), decoder_linear_parameters(model))
+            self._apply(job, model, plan)
         self._holds_source = False  # the model is the compressed one now, in memory or reloaded
         seconds = time.perf_counter() - started
         healing = self._heal(job, spec, teacher)

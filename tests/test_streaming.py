@@ -321,6 +321,30 @@ def test_the_matmul_caches_are_bounded_before_the_first_block_runs(
     assert seen and set(seen) == {expected}
 
 
+def test_a_streamed_run_maps_large_allocations_from_its_first_walk_to_its_last_block(
+    model_dir, calibration_file, tmp_path, monkeypatch
+):
+    # glibc maps only what its free heap cannot serve: fixed only for the compression walk, the
+    # measuring walks' leftover heap would serve it (see memory.flat_peak_memory)
+    import optimum_rom.calibration.walker as walker
+    import optimum_rom.memory as memory
+
+    thresholds, seen = [None], []
+    monkeypatch.setattr(memory, "_set_mmap_threshold", thresholds.append)
+    call_block = walker.call_block
+
+    def recording(*args):
+        seen.append(thresholds[-1])
+        return call_block(*args)
+
+    monkeypatch.setattr(walker, "call_block", recording)
+    LowRankOptimizer.from_pretrained(model_dir("llama")).compress(
+        RomConfig(**CONFIG, **AUTO), calibration=calibration_file, save_dir=tmp_path / "out", progress=False
+    )
+    assert seen and set(seen) == {memory.LARGE_ALLOCATION_BYTES}
+    assert thresholds[-1] == memory.HEAP_ALLOCATION_BYTES  # what follows (healing) runs on the heap
+
+
 # A training step through linears of ever new ranks, as refinement makes block after block; prints
 # how much the resident memory grew between the 20th and the 40th shape.
 NEW_SHAPES = """
