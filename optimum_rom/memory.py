@@ -20,6 +20,8 @@ LARGE_ALLOCATION_BYTES = 2**20
 # glibc's ceiling for its dynamic threshold (64-bit), above a walk's chunk of activations
 # (calibration.walker.CHUNK_ACTIVATION_BYTES)
 HEAP_ALLOCATION_BYTES = 32 * 2**20
+# Width from which the measuring walks map their large allocations too (see maps_plan_walks).
+WIDE_MODEL_HIDDEN_SIZE = 2048
 # Entries of each matmul primitive cache: a training step through a factorized block uses ~40 shapes.
 MATMUL_CACHE_CAPACITY = "64"
 # oneDNN's own primitive cache, and ideep's (torch's layer over oneDNN), which keeps primitives of
@@ -63,9 +65,10 @@ def flat_peak_memory(trains: bool = False) -> Iterator[None]:
     (hidden-state streams, large weights): a block's forward over one chunk after another then
     reuses the same heap memory. A run that ``trains`` (block refinement) maps everything from
     1 MiB: autograd's activations of many sizes left on the heap raise its peak. glibc maps only
-    what its heap's free chunks cannot serve, so this starts before a run's first walk: a heap that
-    the measuring walks grew and left in pieces would serve the later blocks' large allocations
-    from its free chunks, whose pages stay resident until the next trim. Fixing the
+    what its heap's free chunks cannot serve: the walks that measure a plan, on the heap, leave it
+    in pieces that then serve the compression walk's large allocations, whose pages stay resident
+    until the next trim, so a wide model maps from the plan's first walk (:func:`maps_plan_walks`).
+    Fixing the
     threshold also stops glibc from raising it after large frees; glibc has no call that restores
     its dynamic threshold, so on exit it is set to where the dynamic one ends up in a long run,
     its 32 MiB ceiling.
@@ -75,6 +78,17 @@ def flat_peak_memory(trains: bool = False) -> Iterator[None]:
         yield
     finally:
         _set_mmap_threshold(HEAP_ALLOCATION_BYTES)
+
+
+def maps_plan_walks(hidden_size: int) -> bool:
+    """Whether a streamed run maps its large allocations in the walks that measure its plan too.
+
+    A walk's large allocations are chunks of about the same bytes whatever the model's width, and a
+    block's arithmetic per byte grows with the width: a narrow model pays for the fresh pages a
+    large share of its time for a small saving, a wide one a small share for a large saving (see
+    the README's "Peak memory" for both measured).
+    """
+    return hidden_size >= WIDE_MODEL_HIDDEN_SIZE
 
 
 def _set_mmap_threshold(size: int) -> None:

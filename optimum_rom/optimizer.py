@@ -41,7 +41,7 @@ from .checkpoint_format import factorized_ranks
 from .configs import HealingSpec, LowRankConfig
 from .healing import AnswerLoss, HealingReport, WindowLoss, heal
 from .integrations.transformers import attach_quantizer
-from .memory import bound_matmul_cache, flat_peak_memory
+from .memory import bound_matmul_cache, flat_peak_memory, maps_plan_walks
 from .model_card import write_model_card
 from .model_sources import load_causal_lm, load_model, resolve_model_path, source_name
 from .passes import CompressionPass, PassData, pass_for
@@ -81,6 +81,7 @@ class _Job:
     streamed: bool
     progress: bool
     work_dir: Path | None
+    maps_plan_walks: bool = False  # see memory.maps_plan_walks
     data: Any = None
     heal_data: CalibrationSet | None = None
     lazy: LazyCheckpoint | None = None
@@ -235,17 +236,15 @@ class LowRankOptimizer(OptimumQuantizer):
         """Plan, apply, heal, save: the stages that may leave progress in the work directory."""
         save_dir, overwrite = job.save_dir, job.overwrite
         started = time.perf_counter()
+        trains = getattr(job.config, "refine_epochs", 0) > 0
+        with flat_peak_memory(trains) if job.maps_plan_walks else contextlib.nullcontext():
+            model, plan = self._plan(job)
         spec = job.config.healing()
         teacher = None
-        # a streamed run maps its large allocations from its first walk to its last block (healing after it
-        # runs on the heap): see memory.flat_peak_memory
-        trains = getattr(job.config, "refine_epochs", 0) > 0
-        with flat_peak_memory(trains) if job.streamed else contextlib.nullcontext():
-            model, plan = self._plan(job)
-            if spec is not None and spec.distill and not job.streamed:
-                teacher = copy.deepcopy(model)  # the dense model, before it is compressed in place
-            before = (count_parameters(model), decoder_linear_parameters(model))
-            self._apply(job, model, plan)
+        if spec is not None and spec.distill and not job.streamed:
+            teacher = copy.deepcopy(model)  # the dense model, before it is compressed in place
+        before = (count_parameters(model), decoder_linear_parameters(model))
+        self._apply(job, model, plan)
         self._holds_source = False  # the model is the compressed one now, in memory or reloaded
         seconds = time.perf_counter() - started
         healing = self._heal(job, spec, teacher)
@@ -298,8 +297,9 @@ class LowRankOptimizer(OptimumQuantizer):
             work_dir = default_work_dir(save_dir)
         config.source_model = self.source_name
         return _Job(
-            config, method, save_dir, overwrite, streamed, progress, work_dir if method.resumable else None
-        )
+            config, method, save_dir, overwrite, streamed, progress, work_dir if method.resumable else None,
+            maps_plan_walks=streamed and maps_plan_walks(getattr(model_config, "hidden_size", 0)),
+        )  # fmt: skip
 
     def _load_data(
         self, job: _Job, calibration, train_dataset, task, text_field: str, chat: bool, holdout: int

@@ -32,7 +32,7 @@ from .calibration.walker import BlockStream, embed_inputs
 from .checkpoint import PartialOutput, SafetensorsWriter, TensorSpec, ensure_free_space
 from .checkpoint_format import build_skeleton, weights_metadata, with_ranks
 from .configs import LowRankConfig
-from .memory import return_freed_memory
+from .memory import flat_peak_memory, return_freed_memory
 from .structure import check_compressible, find_blocks, meta_model
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -174,12 +174,18 @@ def compress_streaming(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Compress ``source`` block by block into ``save_dir``; resumes a killed run of the same command."""
+    """Compress ``source`` block by block into ``save_dir``; resumes a killed run of the same command.
+
+    Large allocations are memory-mapped while it runs (a flat peak), not in what follows (healing).
+    """
     model = source.model
     blocks_name, _ = find_blocks(model)
     fingerprint = plan_fingerprint(source, config, data, plan.ranks)
     specs = output_specs(source, config, plan)
-    with PartialOutput(save_dir, overwrite, fingerprint, resumable=True) as partial:
+    with (
+        flat_peak_memory(trains=getattr(config, "refine_epochs", 0) > 0),
+        PartialOutput(save_dir, overwrite, fingerprint, resumable=True) as partial,
+    ):
         writer = SafetensorsWriter(partial.path / "model.safetensors", specs, weights_metadata())
         # the output file, and the saved hidden states twice while a block's replace the previous ones
         streams = 1 + (getattr(config, "target", "local") == "dense")
