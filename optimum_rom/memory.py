@@ -68,10 +68,9 @@ def flat_peak_memory(trains: bool = False) -> Iterator[None]:
     what its heap's free chunks cannot serve: the walks that measure a plan, on the heap, leave it
     in pieces that then serve the compression walk's large allocations, whose pages stay resident
     until the next trim, so a wide model maps from the plan's first walk (:func:`maps_plan_walks`).
-    Fixing the
-    threshold also stops glibc from raising it after large frees; glibc has no call that restores
-    its dynamic threshold, so on exit it is set to where the dynamic one ends up in a long run,
-    its 32 MiB ceiling.
+    Fixing the threshold also stops glibc from raising it after large frees; glibc has no call that
+    restores its dynamic threshold, so on exit it is set to where the dynamic one ends up in a long
+    run, its 32 MiB ceiling.
     """
     _set_mmap_threshold(LARGE_ALLOCATION_BYTES if trains else HEAP_ALLOCATION_BYTES)
     try:

@@ -41,12 +41,12 @@ from .checkpoint_format import factorized_ranks
 from .configs import HealingSpec, LowRankConfig
 from .healing import AnswerLoss, HealingReport, WindowLoss, heal
 from .integrations.transformers import attach_quantizer
-from .memory import bound_matmul_cache, flat_peak_memory, maps_plan_walks
+from .memory import bound_matmul_cache, maps_plan_walks
 from .model_card import write_model_card
 from .model_sources import load_causal_lm, load_model, resolve_model_path, source_name
 from .passes import CompressionPass, PassData, pass_for
 from .preflight import check_calibration_memory, check_context_length, check_healing_memory
-from .streaming import LazyCheckpoint, compress_streaming, plan_fingerprint
+from .streaming import LazyCheckpoint, compress_streaming, plan_fingerprint, streamed_memory
 from .structure import (
     check_compressible,
     check_finite_weights,
@@ -236,8 +236,7 @@ class LowRankOptimizer(OptimumQuantizer):
         """Plan, apply, heal, save: the stages that may leave progress in the work directory."""
         save_dir, overwrite = job.save_dir, job.overwrite
         started = time.perf_counter()
-        trains = getattr(job.config, "refine_epochs", 0) > 0
-        with flat_peak_memory(trains) if job.maps_plan_walks else contextlib.nullcontext():
+        with streamed_memory(job.config) if job.maps_plan_walks else contextlib.nullcontext():
             model, plan = self._plan(job)
         spec = job.config.healing()
         teacher = None

@@ -12,6 +12,7 @@ finished block and produces the same checkpoint as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -163,6 +164,11 @@ def output_specs(source: LazyCheckpoint, config: LowRankConfig, plan: RankPlan) 
     return specs
 
 
+def streamed_memory(config: LowRankConfig) -> contextlib.AbstractContextManager:
+    """A streamed run's large allocations mapped (memory.flat_peak_memory), as the run trains or not."""
+    return flat_peak_memory(trains=getattr(config, "refine_epochs", 0) > 0)
+
+
 def compress_streaming(
     source: LazyCheckpoint,
     tokenizer,
@@ -183,7 +189,7 @@ def compress_streaming(
     fingerprint = plan_fingerprint(source, config, data, plan.ranks)
     specs = output_specs(source, config, plan)
     with (
-        flat_peak_memory(trains=getattr(config, "refine_epochs", 0) > 0),
+        streamed_memory(config),
         PartialOutput(save_dir, overwrite, fingerprint, resumable=True) as partial,
     ):
         writer = SafetensorsWriter(partial.path / "model.safetensors", specs, weights_metadata())
