@@ -11,7 +11,7 @@ What is trained (:class:`HealingSpec` ``trained``):
   embeddings stay as they are (tied to the output head, and the largest matrix a step would
   move). Rather than a rank-16 update per matrix, the factors themselves move: more freedom,
   12 more bytes per trained parameter (its gradient, Adam's two moments), and a smaller step
-  size (LoRA's diverges). Whether it heals more depends on the data (see the README).
+  size (LoRA's diverges). Whether it heals more depends on the data (see docs/quality.md, "Healing").
 
 What a step minimizes is the caller's loss:
 

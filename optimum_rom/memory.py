@@ -85,7 +85,7 @@ def maps_plan_walks(hidden_size: int) -> bool:
     A walk's large allocations are chunks of about the same bytes whatever the model's width, and a
     block's arithmetic per byte grows with the width: a narrow model pays for the fresh pages a
     large share of its time for a small saving, a wide one a small share for a large saving (see
-    the README's "Peak memory" for both measured).
+    docs/streaming.md, "Peak memory", for both measured).
     """
     return hidden_size >= WIDE_MODEL_HIDDEN_SIZE
 

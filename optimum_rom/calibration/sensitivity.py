@@ -19,7 +19,7 @@ the directions of largest ``lambda_i * w_i`` (``ranked``, the scored metric): th
 them from the smallest.
 
 The gradient weights are what matter: the spectrum alone (no gradient) allocates worse than
-uniform ranks (README). Weighted, it keeps early and value/key projections dense, where errors
+uniform ranks (docs/quality.md). Weighted, it keeps early and value/key projections dense, where errors
 travel far.
 """
 

@@ -23,7 +23,7 @@ PRESETS: dict[str, dict[str, object]] = {
     "uniform": {"allocation": "uniform", "target": "local"},
     # auto, then healing for the time the compression left of the budget (the lever that bought the
     # most quality per minute; spending part of the budget on 8 refinement epochs instead measured
-    # worse with 20 minutes and a small, mixed gain with 60: README, "Block refinement")
+    # worse with 20 minutes and a small, mixed gain with 60: docs/quality.md, "Block refinement")
     "best": {**AUTO, "time_budget": 60.0},
 }
 
@@ -76,7 +76,7 @@ class RomConfig(LowRankConfig):
             features are then rounded to bfloat16's 8 bits before they are summed in float32/float64;
             the hidden states between blocks, the gradient walk and the factorizations stay
             float32/float64. Measured on SmolLM2 it leaves perplexity and the chat where float32
-            has them (README, "Calibration walks in bfloat16").
+            has them (docs/streaming.md, "Calibration walks in bfloat16").
         factorization_precision: what each linear's basis and spectrum are computed in from its
             float64 sums: ``"float32"`` (default) or ``"float64"``. The products with the weight
             and the eigendecompositions are most of a factorization's arithmetic and run
