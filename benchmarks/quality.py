@@ -113,6 +113,13 @@ METHODS: dict[str, Method] = {
     # healing every parameter of the blocks instead of LoRA adapters
     "rom-auto-heal15-full": Method(_auto(15, heal_params="full")),
     "rom-auto-mix50-heal15-full": Method(_auto(15, heal_params="full"), _chat(0.5)),
+    # before that healing, the Fisher metric or 8 refinement epochs (beside rom-auto-heal15-full at 0.5)
+    "rom-auto-fisher-heal15-full": Method(_auto(15, metric="fisher", heal_params="full")),
+    "rom-auto-refine8-heal15-full": Method(_auto(15, refine_epochs=8, heal_params="full")),
+    "rom-auto-fisher-refine8-heal15-full": Method(
+        _auto(15, metric="fisher", refine_epochs=8, heal_params="full")
+    ),
+    "rom-auto-fisher-heal15": Method(_auto(15, metric="fisher")),
     # refinement levers, each beside rom-auto (2 epochs, constant lr, factors only)
     **{f"rom-auto-refine{epochs}": Method(_auto(refine_epochs=epochs)) for epochs in (8, 25)},
     "rom-auto-cosine": Method(_auto(refine_schedule="cosine")),
